@@ -1,0 +1,42 @@
+# `make demo` and `make test` work on a fresh machine with only Python 3.10+:
+# each creates .venv and installs the package into it first.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+DEMO   ?= runs/demo
+# The accelerate config: the GPU one when CUDA is there, the CPU one otherwise.
+ACCEL  = $(shell $(BIN)/python -c "import torch; print('accelerate_config.yaml' if torch.cuda.is_available() else 'configs/accelerate/cpu.yaml')" 2>/dev/null)
+
+.PHONY: install demo test test-slow clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+# The whole road on built-in synthetic faces: data -> autoencoder -> latent UNet -> pipeline -> grid.
+demo: install
+	$(BIN)/ffhq-ldm synth --out $(DEMO)/faces --num 3000 --seed 0
+	$(BIN)/accelerate launch --config_file $(ACCEL) training/train_vae.py \
+		--preset demo --data $(DEMO)/faces --output-dir $(DEMO)/vae_run
+	$(BIN)/accelerate launch --config_file $(ACCEL) training/train_unet.py \
+		--preset demo --data $(DEMO)/faces --vae $(DEMO)/vae_run/vae --output-dir $(DEMO)/unet_run
+	$(BIN)/ffhq-ldm sample --model $(DEMO)/unet_run/pipeline --num 64 --seed 0 \
+		--out $(DEMO)/samples --grid $(DEMO)/samples_grid.png
+	@echo
+	@echo "demo done:"
+	@echo "  sample grid:      $(DEMO)/samples_grid.png"
+	@echo "  pipeline folder:  $(DEMO)/unet_run/pipeline"
+	@echo "  tensorboard:      $(BIN)/tensorboard --logdir $(DEMO)"
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,163 @@
+"""Latent cache: every training image (and its mirror image) encoded once.
+
+Encoding on the fly costs more than the UNet step it feeds (DESIGN.md section 3), so stage 2
+trains from a cache of the posterior's mean and std (as EDM2 does) and draws
+``z = (mean + std · ε) · scaling_factor`` afresh each step, keeping the autoencoder's noise.
+
+Layout of a cache folder:
+    manifest.json          VAE fingerprint, image count, resolution, latent shape, shard list
+    shard-00000.safetensors  "mean", "std": float16, (2B, C, h, w): B originals then B mirrors
+A shard is written to a temporary name and renamed, then the manifest is rewritten (also by
+rename), so an interrupted encoding resumes at the first missing shard and a cache built by
+another autoencoder, or from other images, is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..models.vae import encode_posterior, fingerprint
+from .images import ImageDataset, items_digest
+
+CACHE_VERSION = 1
+STORE_DTYPE = torch.float16
+
+
+class CacheMismatchError(ValueError):
+    """The cache on disk was built from another autoencoder or other images."""
+
+
+@dataclass
+class LatentCache:
+    mean: torch.Tensor  # (M, C, h, w), M = 2 x images (originals and mirrors)
+    std: torch.Tensor
+    scaling_factor: float
+
+    def __len__(self) -> int:
+        return self.mean.shape[0]
+
+    def to(self, device) -> "LatentCache":
+        return LatentCache(self.mean.to(device), self.std.to(device), self.scaling_factor)
+
+    def sample(self, indices: torch.Tensor, noise: torch.Tensor | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Scaled latents ``(mean + std · ε) · scaling_factor`` for the given entries, fp32."""
+        mean = self.mean[indices].float()
+        std = self.std[indices].float()
+        if noise is None:
+            noise = torch.randn(mean.shape, generator=generator, device=mean.device)
+        return (mean + std * noise) * self.scaling_factor
+
+
+def _manifest_path(cache_dir: Path) -> Path:
+    return cache_dir / "manifest.json"
+
+
+def _write_json_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _expected_identity(vae, items, resolution: int) -> dict:
+    return {"version": CACHE_VERSION, "vae_fingerprint": fingerprint(vae),
+            "num_images": len(items), "images_digest": items_digest(items),
+            "resolution": resolution}
+
+
+def _check_identity(manifest: dict, expected: dict, cache_dir: Path) -> None:
+    for key, want in expected.items():
+        have = manifest.get(key)
+        if have != want:
+            what = {"vae_fingerprint": "a different autoencoder (weights or config)",
+                    "images_digest": "a different set of images",
+                    "num_images": "a different number of images",
+                    "resolution": "a different resolution", "version": "an older cache format"}[key]
+            raise CacheMismatchError(
+                f"the latent cache in {cache_dir} was built from {what} ({key}: {have} != {want}). "
+                f"Use another --latent-cache folder, or delete this one to rebuild it.")
+
+
+@torch.no_grad()
+def build_latent_cache(vae, items, cache_dir, resolution: int, image_key=None,
+                       batch_size: int = 64, num_workers: int = 0, device="cpu",
+                       dtype=torch.float32, progress: bool = True) -> Path:
+    """Encode ``items`` (and their mirrors) into ``cache_dir``, resuming a partial cache."""
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    expected = _expected_identity(vae, items, resolution)
+    manifest_file = _manifest_path(cache_dir)
+    manifest = dict(expected, shard_size=batch_size, shards=[], complete=False)
+    if manifest_file.is_file():
+        old = json.loads(manifest_file.read_text())
+        _check_identity(old, expected, cache_dir)
+        if old.get("complete"):
+            return cache_dir
+        if old.get("shard_size") == batch_size:
+            manifest = old  # resume: trust only the shards the manifest lists
+    done = len(manifest["shards"])
+    start = done * batch_size
+    if start >= len(items) and len(items) > 0:
+        manifest["complete"] = True
+        _write_json_atomic(manifest_file, manifest)
+        return cache_dir
+
+    dataset = ImageDataset(items, resolution, flip="none", image_key=image_key)
+    subset = torch.utils.data.Subset(dataset, range(start, len(items)))
+    loader = DataLoader(subset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
+    vae = vae.to(device).eval()
+    bar = tqdm(total=len(items), initial=start, desc="encoding latents", unit="img",
+               disable=not progress, dynamic_ncols=True)
+    t0, encoded = time.perf_counter(), 0
+    for shard_index, images in enumerate(loader, start=done):
+        images = images.to(device=device, dtype=dtype)
+        with torch.autocast(device_type=torch.device(device).type, dtype=dtype,
+                            enabled=dtype != torch.float32):
+            mean, std = encode_posterior(vae, torch.cat([images, images.flip(-1)]))
+        name = f"shard-{shard_index:05d}.safetensors"
+        tmp = cache_dir / (name + ".tmp")
+        save_file({"mean": mean.to(STORE_DTYPE).cpu().contiguous(),
+                   "std": std.to(STORE_DTYPE).cpu().contiguous()}, str(tmp))
+        os.replace(tmp, cache_dir / name)
+        manifest["shards"].append(name)
+        manifest["latent_shape"] = list(mean.shape[1:])
+        _write_json_atomic(manifest_file, manifest)
+        encoded += images.shape[0]
+        bar.update(images.shape[0])
+        bar.set_postfix(img_per_s=f"{encoded / (time.perf_counter() - t0):.1f}")
+    bar.close()
+    manifest["complete"] = True
+    _write_json_atomic(manifest_file, manifest)
+    return cache_dir
+
+
+def load_latent_cache(cache_dir, vae, items=None, resolution: int | None = None) -> LatentCache:
+    """Load a complete cache, refusing one that does not belong to ``vae`` (and ``items``)."""
+    cache_dir = Path(cache_dir)
+    manifest_file = _manifest_path(cache_dir)
+    if not manifest_file.is_file():
+        raise FileNotFoundError(f"no latent cache in {cache_dir} (no manifest.json)")
+    manifest = json.loads(manifest_file.read_text())
+    if items is not None:
+        _check_identity(manifest, _expected_identity(vae, items, resolution), cache_dir)
+    elif manifest.get("vae_fingerprint") != fingerprint(vae):
+        raise CacheMismatchError(f"the latent cache in {cache_dir} was built from a different "
+                                 "autoencoder; rebuild it or pass the matching --vae")
+    if not manifest.get("complete"):
+        raise CacheMismatchError(f"the latent cache in {cache_dir} is incomplete; rerun the "
+                                 "caching step to finish it")
+    means, stds = [], []
+    for name in manifest["shards"]:
+        shard = load_file(str(cache_dir / name))
+        means.append(shard["mean"])
+        stds.append(shard["std"])
+    return LatentCache(torch.cat(means), torch.cat(stds), float(vae.config.scaling_factor))

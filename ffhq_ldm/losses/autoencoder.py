@@ -1,0 +1,104 @@
+"""The autoencoder's loss, as LDM (taming's LPIPSWithDiscriminator) defines it.
+
+Generator (autoencoder) side, per image:
+    rec  = |x - x̂| + w_p · LPIPS(x, x̂)             (LPIPS with gradients)
+    KL:  nll = sum over pixels of rec;  loss = nll + kl_weight · KL(q(z|x) || N(0, I))
+    VQ:  nll = mean of rec;             loss = nll + codebook_weight · (codebook + commitment)
+    + λ · disc_factor · (−mean D(x̂)),   λ = disc_weight · clamp(‖∇_L nll‖ / (‖∇_L g‖ + 1e-4), 0, 1e4)
+where L is the decoder's last layer and λ is detached. The KL branch sums over pixels (LDM),
+which is what makes kl_weight = 1e-6 the right size; the VQ branch averages (taming).
+Discriminator side: hinge loss 0.5 · (mean relu(1 − D(x)) + mean relu(1 + D(x̂))).
+Both adversarial terms are off until ``disc_start``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import VAEConfig
+
+
+def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+
+
+def kl_to_standard_normal(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, exp(logvar)) || N(0, I)) summed over latent dims, one value per image."""
+    return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1).sum(1)
+
+
+def adaptive_weight(nll: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor,
+                    max_weight: float = 1e4) -> torch.Tensor:
+    """‖∇_L nll‖ / (‖∇_L g‖ + 1e-4), clamped and detached (Esser et al. 2021, eq. 7)."""
+    nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
+    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    weight = nll_grad.float().norm() / (g_grad.float().norm() + 1e-4)
+    return weight.clamp(0.0, max_weight).detach()
+
+
+class AutoencoderLoss(nn.Module):
+    """Callable pieces of the stage-1 loss; each returns ``(loss, logs)``."""
+
+    def __init__(self, config: VAEConfig, perceptual: nn.Module | None, discriminator: nn.Module):
+        super().__init__()
+        self.config = config
+        self.perceptual = perceptual
+        self.discriminator = discriminator
+
+    def disc_active(self, step: int) -> bool:
+        return step >= self.config.disc_start
+
+    def reconstruction(self, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+        """Per-pixel |x − x̂| + w_p · LPIPS, shape (N, C, H, W) (LPIPS broadcast per image)."""
+        rec = (x - x_hat).abs()
+        if self.perceptual is not None and self.config.perceptual_weight > 0:
+            # LPIPS runs in fp32: its normalisation layers are sensitive and it is small.
+            p = self.perceptual(x.float(), x_hat.float())
+            rec = rec + self.config.perceptual_weight * p
+        return rec
+
+    def generator_loss(self, x, x_hat, step: int, last_layer: torch.Tensor,
+                       posterior: tuple[torch.Tensor, torch.Tensor] | None = None,
+                       vq_loss: torch.Tensor | None = None):
+        """The autoencoder's loss. ``posterior`` = (mean, logvar) for KL; ``vq_loss`` for VQ."""
+        cfg = self.config
+        x_hat = x_hat.float()
+        rec = self.reconstruction(x.float(), x_hat)
+        logs = {"loss/l1": (x - x_hat).abs().mean().detach()}
+        if posterior is not None:
+            nll = rec.flatten(1).sum(1).mean()
+            reg = kl_to_standard_normal(posterior[0].float(), posterior[1].float()).mean()
+            loss = nll + cfg.kl_weight * reg
+            logs["loss/kl"] = reg.detach()
+        else:
+            nll = rec.mean()
+            reg = vq_loss.float().mean()
+            loss = nll + cfg.codebook_weight * reg
+            logs["loss/vq"] = reg.detach()
+        logs["loss/rec"] = rec.mean().detach()
+        logs["loss/nll"] = nll.detach()
+
+        if self.disc_active(step):
+            self.discriminator.requires_grad_(False)  # its grads come from its own step only
+            logits_fake = self.discriminator(x_hat)
+            self.discriminator.requires_grad_(True)
+            g_loss = -logits_fake.float().mean()
+            weight = cfg.disc_weight * adaptive_weight(nll, g_loss, last_layer)
+            loss = loss + weight * g_loss
+            logs.update({"loss/g_adv": g_loss.detach(), "disc/adaptive_weight": weight})
+        logs["loss/total"] = loss.detach()
+        return loss, logs
+
+    def discriminator_loss(self, x, x_hat, step: int):
+        """Hinge loss on real vs reconstructed images; zero (and no graph) before disc_start."""
+        if not self.disc_active(step):
+            zero = x.new_zeros(())
+            return zero, {}
+        logits_real = self.discriminator(x.detach()).float()
+        logits_fake = self.discriminator(x_hat.detach()).float()
+        loss = hinge_d_loss(logits_real, logits_fake)
+        logs = {"loss/disc": loss.detach(), "disc/logits_real": logits_real.mean().detach(),
+                "disc/logits_fake": logits_fake.mean().detach()}
+        return loss, logs

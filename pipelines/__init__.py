@@ -1,0 +1,5 @@
+"""Diffusers pipelines of this project (importable without the ffhq_ldm package)."""
+
+from .pipeline_face_ldm import FaceLDMPipeline
+
+__all__ = ["FaceLDMPipeline"]
