@@ -15,7 +15,8 @@ CHECKPOINT_PREFIX = "step-"
 
 
 # ---------------------------------------------------------------------------------------------
-# EMA of the weights (fp32 shadow), with LDM's warm-up: decay_n = min(decay, (1 + n) / (10 + n)).
+# EMA of the weights (fp32 shadow), with LDM's warm-up (LitEma): the m-th update (m = 1, 2, ...)
+# uses decay_m = min(decay, (1 + m) / (10 + m)), so early weights are not frozen in.
 
 class EMA:
     """Exponential moving average of a model's parameters, kept in fp32."""
@@ -27,8 +28,9 @@ class EMA:
         self.num_updates = 0
 
     def current_decay(self) -> float:
-        n = self.num_updates
-        return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
+        """The decay the next update will use."""
+        m = self.num_updates + 1
+        return min(self.decay, (1 + m) / (10 + m)) if self.warmup else self.decay
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
@@ -197,6 +199,12 @@ class Throughput:
         if reset:
             self.t0, self.images = now, 0
         return rate
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    """One JSON line per log event: the machine-readable twin of the TensorBoard scalars."""
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
 
 
 def scalars(logs: dict) -> dict:

@@ -30,3 +30,10 @@ def faces32(tmp_path_factory):
     out = tmp_path_factory.mktemp("faces32")
     generate_faces(out, 48, size=32, seed=0, progress=False)
     return out
+
+
+# Tiny models gain nothing from a second thread, and on a loaded 2-core machine OpenMP threads
+# spin against each other (measured: 7-15x slower). One thread for the whole suite.
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
