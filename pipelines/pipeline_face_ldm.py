@@ -61,6 +61,15 @@ class FaceLDMPipeline(DiffusionPipeline):
                 "vae.register_to_config(scaling_factor=...)")
         return float(config.scaling_factor)
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """``DiffusionPipeline.save_pretrained``, refusing a VAE whose scale was never set.
+
+        diffusers does not save ``_use_default_values``: a defaulted 0.18215 would be written to
+        vae/config.json as if it had been measured, and accepted when loaded again.
+        """
+        self._check_scaling_factor()
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def _extra_step_kwargs(self, generator, eta: float) -> dict:
         # Schedulers differ in what step() accepts: pass eta and generator only where they exist.
         params = set(inspect.signature(self.scheduler.step).parameters)
