@@ -1,0 +1,95 @@
+"""Image-folder reading for evaluation (kept local so it does not depend on the data module).
+
+Every image is read with PIL, converted to RGB, centre-cropped to a square and,
+if its side differs from ``resolution``, resized with PIL's LANCZOS filter
+(antialiased, so downscaling large photos does not alias).  Arrays are uint8
+``(N, H, W, 3)``.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator, List, Optional, Sequence
+
+import numpy as np
+from PIL import Image
+
+from .errors import EvaluationError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def list_images(folder: str, what: str = "image folder") -> List[str]:
+    """Sorted list of image paths found recursively under ``folder``.
+
+    Raises :class:`EvaluationError` when the folder is missing or holds no image.
+    """
+    if folder is None or not os.path.isdir(folder):
+        raise EvaluationError(f"{what} not found: {folder!r} is not a directory")
+    paths = []
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                paths.append(os.path.join(root, name))
+    if not paths:
+        raise EvaluationError(
+            f"{what} {folder!r} contains no images (looked recursively for {', '.join(IMAGE_EXTENSIONS)})"
+        )
+    paths.sort()
+    return paths
+
+
+def relative_names(paths: Sequence[str], root: str) -> List[str]:
+    """Paths relative to ``root`` with forward slashes (stable identifiers stored in reference files)."""
+    return [os.path.relpath(p, root).replace(os.sep, "/") for p in paths]
+
+
+def center_crop_resize(img: Image.Image, resolution: Optional[int]) -> np.ndarray:
+    """RGB, centre square crop, LANCZOS resize to ``resolution`` (None keeps the crop size)."""
+    img = img.convert("RGB")
+    w, h = img.size
+    if w != h:
+        s = min(w, h)
+        left = (w - s) // 2
+        top = (h - s) // 2
+        img = img.crop((left, top, left + s, top + s))
+    if resolution is not None and img.size[0] != resolution:
+        img = img.resize((resolution, resolution), Image.LANCZOS)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def load_image(path: str, resolution: Optional[int]) -> np.ndarray:
+    try:
+        with Image.open(path) as img:
+            return center_crop_resize(img, resolution)
+    except (OSError, ValueError) as exc:  # corrupt / unreadable file
+        raise EvaluationError(f"cannot read image {path!r}: {exc}") from exc
+
+
+def iter_image_batches(
+    paths: Sequence[str], resolution: Optional[int], batch_size: int, num_threads: int = 4
+) -> Iterator[np.ndarray]:
+    """Yield uint8 batches ``(B, H, W, 3)``; decoding runs in a small thread pool (PIL releases the GIL)."""
+    with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start : start + batch_size]
+            yield np.stack(list(pool.map(lambda p: load_image(p, resolution), chunk)))
+
+
+def load_images(paths: Sequence[str], resolution: Optional[int], batch_size: int = 256) -> np.ndarray:
+    """All images as one uint8 array ``(N, H, W, 3)``."""
+    if len(paths) == 0:
+        raise EvaluationError("no images to load")
+    return np.concatenate(list(iter_image_batches(paths, resolution, batch_size)), axis=0)
+
+
+def save_images(images: np.ndarray, folder: str, prefix: str = "sample", start: int = 0) -> List[str]:
+    """Write uint8 ``(N, H, W, 3)`` images as PNG files; returns the paths."""
+    os.makedirs(folder, exist_ok=True)
+    out = []
+    for i, im in enumerate(images):
+        p = os.path.join(folder, f"{prefix}_{start + i:06d}.png")
+        Image.fromarray(im).save(p)
+        out.append(p)
+    return out
