@@ -1,8 +1,10 @@
 """``ffhq-ldm``: one command line for every step that is not a training script.
 
-    ffhq-ldm synth     --out DIR --num N            built-in synthetic faces
-    ffhq-ldm sample    --model DIR --num N --out DIR  images from an exported pipeline
-    ffhq-ldm evaluate  ref|calc ...                 FID/KID, precision/recall, uniqueness
+    ffhq-ldm synth          --out DIR --num N                built-in synthetic faces
+    ffhq-ldm reconstruct    --vae DIR --data D --out DIR     judge an autoencoder alone
+    ffhq-ldm cache-latents  --vae DIR --data D --latent-cache DIR   encode once for stage 2
+    ffhq-ldm sample         --model DIR --num N --out DIR    images from an exported pipeline
+    ffhq-ldm evaluate       ref|calc ...                     FID/KID, precision/recall, uniqueness
 """
 
 from __future__ import annotations
@@ -32,6 +34,73 @@ def _synth(args) -> int:
     out = generate_faces(args.out, args.num, size=args.size, seed=args.seed,
                          progress=not args.no_progress)
     print(f"wrote {args.num} faces to {out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# reconstruct, cache-latents
+
+def _reconstruct(args) -> int:
+    import json
+
+    import torch
+
+    from .data.images import ImageDataset
+    from .data.latents import split_for_vae
+    from .evaluation.autoencoder import batched, reconstruction_metrics
+    from .losses.perceptual import PerceptualWeightsError, build_perceptual
+    from .models.vae import load_vae
+    from .visual import save_grid
+
+    device = pick_device(args.device)
+    vae = load_vae(args.vae).to(device).eval()
+    train, held, key, resolution = split_for_vae(args.vae, vae, args.data)
+    items, which = (held, "held-out") if len(held) and not args.all else (train, "training")
+    dataset = ImageDataset(items, resolution, flip="none", image_key=key)
+    kind = args.perceptual
+    try:
+        perceptual = build_perceptual("lpips-vgg" if kind == "auto" else kind, args.lpips_trunk)
+    except PerceptualWeightsError:
+        if kind != "auto":
+            raise
+        print("note: no LPIPS VGG trunk on this machine, LPIPS not reported (see --lpips-trunk)",
+              file=sys.stderr)
+        perceptual, kind = None, "none"
+    if perceptual is not None:
+        perceptual.to(device)
+
+    def reconstruct(x):
+        if hasattr(vae, "quantize"):
+            return vae.decode(vae.encode(x).latents).sample
+        return vae.decode(vae.encode(x).latent_dist.mode()).sample
+
+    metrics, (orig, rec) = reconstruction_metrics(
+        reconstruct, batched(dataset, args.batch_size, device, limit=args.num), perceptual,
+        kind, keep=16)
+    out = Path(args.out)
+    grid = save_grid(torch.cat([orig, rec]), out / "reconstructions.png", nrow=orig.shape[0])
+    payload = {"vae": str(args.vae), "data": args.data, "images": which, **metrics}
+    (out / "metrics.json").write_text(json.dumps(payload, indent=2) + "\n")
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "num_images")
+    print(f"{metrics['num_images']} {which} images: {shown}")
+    print(f"originals (top) and reconstructions (bottom): {grid}")
+    return 0
+
+
+def _cache_latents(args) -> int:
+    import torch
+
+    from .data.latents import build_latent_cache, split_for_vae
+    from .models.vae import load_vae
+
+    device = pick_device(args.device)
+    vae = load_vae(args.vae).eval()
+    train, _, key, resolution = split_for_vae(args.vae, vae, args.data)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    build_latent_cache(vae, train, args.latent_cache, resolution, image_key=key,
+                       batch_size=args.batch_size, num_workers=args.num_workers, device=device,
+                       dtype=dtype, progress=not args.no_progress)
+    print(f"latent cache of {len(train)} images (and their mirrors): {args.latent_cache}")
     return 0
 
 
@@ -151,6 +220,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_synth)
+
+    p = sub.add_parser("reconstruct", help="reconstruct images with an autoencoder, print metrics",
+                       formatter_class=_Formatter,
+                       description="Encode and decode images (the held-out split the autoencoder "
+                                   "was trained with, unless --all) and report PSNR, SSIM and "
+                                   "LPIPS; writes OUT/reconstructions.png and OUT/metrics.json.")
+    p.add_argument("--vae", required=True, help="exported autoencoder folder (OUT/vae)")
+    p.add_argument("--data", required=True, help="the image folder (or hf:...) it was trained on")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--num", type=int, default=None, help="at most this many images (default all)")
+    p.add_argument("--all", action="store_true", help="use the training split, not held-out")
+    p.add_argument("--batch-size", type=int, default=32, help="images per batch")
+    p.add_argument("--perceptual", default="auto",
+                   choices=("auto", "lpips-vgg", "lpips-alex", "lpips-vgg-random-trunk", "none"),
+                   help="LPIPS variant to report; auto: VGG LPIPS if its trunk is on disk")
+    p.add_argument("--lpips-trunk", default=None, help="torchvision ImageNet weights file")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    p.set_defaults(func=_reconstruct)
+
+    p = sub.add_parser("cache-latents", help="encode a dataset into a latent cache for stage 2",
+                       formatter_class=_Formatter,
+                       description="Encode every training image and its mirror once (posterior "
+                                   "mean and std, float16 shards, bound to the autoencoder by "
+                                   "fingerprint); an interrupted run resumes. train_unet.py does "
+                                   "this itself on first use.")
+    p.add_argument("--vae", required=True, help="exported autoencoder folder")
+    p.add_argument("--data", required=True, help="image folder or hf:...")
+    p.add_argument("--latent-cache", required=True, help="cache folder")
+    p.add_argument("--batch-size", type=int, default=64, help="images encoded at once")
+    p.add_argument("--num-workers", type=int, default=2, help="data loader workers")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="encoder precision")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cache_latents)
 
     p = sub.add_parser("sample", help="generate images with an exported pipeline",
                        formatter_class=_Formatter,

@@ -25,13 +25,12 @@ from tqdm.auto import tqdm
 
 from ffhq_ldm.cli_common import UsageError, run_main, training_parser
 from ffhq_ldm.config import UNetConfig, config_from_args, save_run_config
-from ffhq_ldm.data.images import open_dataset
-from ffhq_ldm.data.latents import build_latent_cache, load_latent_cache
-from ffhq_ldm.export import export_pipeline, read_split
+from ffhq_ldm.data.latents import build_latent_cache, load_latent_cache, split_for_vae
+from ffhq_ldm.export import export_pipeline
 from ffhq_ldm.losses.diffusion import DiffusionLoss, draw_global_batch, slice_for
 from ffhq_ldm.models.unet import build_sample_scheduler, build_train_scheduler, build_unet
 from ffhq_ldm.models.vae import load_vae
-from ffhq_ldm.train_utils import (EMA, Throughput, load_checkpoint, resolve_resume,
+from ffhq_ldm.train_utils import (EMA, Throughput, append_jsonl, load_checkpoint, resolve_resume,
                                   save_checkpoint, scalars, warmup_lambda)
 from ffhq_ldm.visual import save_grid
 from pipelines.pipeline_face_ldm import FaceLDMPipeline
@@ -74,11 +73,7 @@ def main(argv=None) -> int:
 
     # -- autoencoder and data split (the VAE's export says how the data was split) ------------
     vae = load_vae(args.vae).eval().requires_grad_(False)
-    split = read_split(args.vae) or {"holdout": 0, "split_seed": 0,
-                                     "resolution": vae.config.sample_size}
-    resolution = split["resolution"]
-    train_items, _, image_key = open_dataset(args.data, resolution, split["holdout"],
-                                             split["split_seed"])
+    train_items, _, image_key, resolution = split_for_vae(args.vae, vae, args.data)
 
     # -- latent cache: built once by the main process, then held on the device ----------------
     cache_dir = Path(args.latent_cache) if args.latent_cache else out / "latent_cache"
@@ -182,6 +177,8 @@ def main(argv=None) -> int:
             if grad_norm is not None:
                 values["grad_norm"] = float(grad_norm)
             accelerator.log(values, step=step)
+            if main_proc:
+                append_jsonl(out / "log.jsonl", {"step": step, **values})
             bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{values['images_per_s']:.0f}",
                             seen=images_seen)
             loss_sum.zero_()

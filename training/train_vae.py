@@ -25,14 +25,14 @@ from tqdm.auto import tqdm
 from ffhq_ldm.cli_common import UsageError, run_main, training_parser
 from ffhq_ldm.config import VAEConfig, config_from_args, save_run_config
 from ffhq_ldm.data.images import ImageDataset, open_dataset
-from ffhq_ldm.evaluation.reconstruction import psnr, ssim
+from ffhq_ldm.evaluation.autoencoder import batched, reconstruction_metrics
 from ffhq_ldm.export import export_vae
 from ffhq_ldm.losses.autoencoder import AutoencoderLoss
 from ffhq_ldm.losses.perceptual import build_perceptual
 from ffhq_ldm.models.discriminator import PatchDiscriminator
 from ffhq_ldm.models.vae import Reconstructor, build_vae, decoder_last_layer, measure_scaling_factor
-from ffhq_ldm.train_utils import (EpochSampler, Throughput, load_checkpoint, resolve_resume,
-                                  save_checkpoint, scalars)
+from ffhq_ldm.train_utils import (EpochSampler, Throughput, append_jsonl, load_checkpoint,
+                                  resolve_resume, save_checkpoint, scalars)
 from ffhq_ldm.visual import save_grid
 
 
@@ -59,30 +59,8 @@ class FlipEncoded(torch.utils.data.Dataset):
         return x.flip(-1) if index >= n else x
 
 
-@torch.no_grad()
-def evaluate(recon_model, perceptual, held_out, accelerator, batch_size, perceptual_name):
-    """Held-out reconstruction metrics from the posterior mode (deterministic)."""
-    recon_model.eval()
-    totals, count, pair = {"psnr": 0.0, "ssim": 0.0, "lpips": 0.0}, 0, None
-    for start in range(0, len(held_out), batch_size):
-        x = torch.stack([held_out[i] for i in range(start, min(start + batch_size, len(held_out)))])
-        x = x.to(accelerator.device)
-        with accelerator.autocast():
-            x_hat = recon_model(x, sample_posterior=False)[0].float().clamp(-1, 1)
-        totals["psnr"] += psnr(x_hat, x).sum().item()
-        totals["ssim"] += ssim(x_hat, x).sum().item()
-        if perceptual is not None:
-            totals["lpips"] += perceptual(x, x_hat).sum().item()
-        count += x.shape[0]
-        pair = pair or (x[:8].cpu(), x_hat[:8].cpu())
-    recon_model.train()
-    metrics = {k: v / max(count, 1) for k, v in totals.items()}
-    lpips_value = metrics.pop("lpips")
-    if perceptual is not None:
-        # A random-trunk LPIPS is a distance, not the LPIPS metric: name it so.
-        key = "lpips_random_trunk" if "random" in perceptual_name else "lpips"
-        metrics[key] = lpips_value
-    return metrics, pair
+def _describe(metrics: dict) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k not in ("step", "num_images"))
 
 
 def main(argv=None) -> int:
@@ -147,16 +125,20 @@ def main(argv=None) -> int:
     history = json.loads(metrics_path.read_text()) if metrics_path.is_file() and step else []
 
     def run_eval():
-        metrics, (orig, rec) = evaluate(recon_model, perceptual, held_set, accelerator,
-                                        config.batch_size, config.perceptual)
+        recon_model.eval()
+        with accelerator.autocast():
+            metrics, (orig, rec) = reconstruction_metrics(
+                lambda x: recon_model(x, sample_posterior=False)[0],
+                batched(held_set, config.batch_size, accelerator.device),
+                perceptual, config.perceptual)
+        recon_model.train()
         if main_proc:
             history.append({"step": step, **metrics})
             metrics_path.write_text(json.dumps(history, indent=2) + "\n")
             save_grid(torch.cat([orig, rec]), out / "reconstructions" / f"step-{step:08d}.png",
                       nrow=orig.shape[0])
             accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
-            tqdm.write(f"[step {step}] held-out " +
-                       ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            tqdm.write(f"[step {step}] held-out " + _describe(metrics))
         return metrics
 
     if step == 0 and len(held_set):
@@ -203,6 +185,8 @@ def main(argv=None) -> int:
                 values.update({"lr": opt_g.param_groups[0]["lr"], "images_per_s": meter.rate(),
                                "images_seen": images_seen})
                 accelerator.log(values, step=step)
+                if main_proc:
+                    append_jsonl(out / "log.jsonl", {"step": step, **values})
                 bar.set_postfix(loss=f"{values['loss/total']:.4g}",
                                 l1=f"{values['loss/l1']:.3f}",
                                 img_s=f"{values['images_per_s']:.1f}")
@@ -218,10 +202,8 @@ def main(argv=None) -> int:
     if main_proc:
         unwrapped = accelerator.unwrap_model(recon_model).vae.eval()
         n = min(config.scale_images, len(train_items))
-        plain = ImageDataset(train_items[:n] if image_key is None else train_items.select(range(n)),
-                             config.resolution, flip="none", image_key=image_key)
-        batches = (torch.stack([plain[i] for i in range(s, min(s + 32, n))]).to(accelerator.device)
-                   for s in range(0, n, 32))
+        plain = ImageDataset(train_items, config.resolution, flip="none", image_key=image_key)
+        batches = batched(plain, 32, accelerator.device, limit=n)
         generator = torch.Generator().manual_seed(config.seed)
         scale = measure_scaling_factor(unwrapped, batches, generator)
         split = {"holdout": config.holdout, "split_seed": config.seed,
@@ -229,7 +211,7 @@ def main(argv=None) -> int:
         export_vae(unwrapped, out / "vae", scale, split)
         final = history[-1] if history else {}
         print(f"exported {out / 'vae'} (scaling_factor {scale:.5f}, measured on {n} images); "
-              f"held-out: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items() if k != "step"))
+              f"held-out: " + _describe(final))
     accelerator.end_training()
     return 0
 

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..models.vae import encode_posterior, fingerprint
-from .images import ImageDataset, items_digest
+from .images import ImageDataset, items_digest, open_dataset
 
 CACHE_VERSION = 1
 STORE_DTYPE = torch.float16
@@ -85,6 +85,21 @@ def _check_identity(manifest: dict, expected: dict, cache_dir: Path) -> None:
             raise CacheMismatchError(
                 f"the latent cache in {cache_dir} was built from {what} ({key}: {have} != {want}). "
                 f"Use another --latent-cache folder, or delete this one to rebuild it.")
+
+
+def split_for_vae(vae_dir, vae, data: str):
+    """(train items, held-out items, image_key, resolution) split as the autoencoder's training was.
+
+    Stage 2 and the evaluation then never see stage 1's held-out images either. An autoencoder
+    exported elsewhere (no split file) holds nothing out.
+    """
+    from ..export import read_split
+
+    split = read_split(vae_dir) or {"holdout": 0, "split_seed": 0,
+                                    "resolution": vae.config.sample_size}
+    train, held, key = open_dataset(data, split["resolution"], split["holdout"],
+                                    split["split_seed"])
+    return train, held, key, split["resolution"]
 
 
 @torch.no_grad()
