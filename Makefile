@@ -19,7 +19,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 # The whole road on built-in synthetic faces: data -> autoencoder -> latent UNet -> pipeline -> grid.
 demo: install
-	$(BIN)/ffhq-ldm synth --out $(DEMO)/faces --num 3000 --seed 0
+	$(BIN)/ffhq-ldm synth --out $(DEMO)/faces --num 2000 --seed 0
 	$(BIN)/accelerate launch --config_file $(ACCEL) training/train_vae.py \
 		--preset demo --data $(DEMO)/faces --output-dir $(DEMO)/vae_run
 	$(BIN)/accelerate launch --config_file $(ACCEL) training/train_unet.py \

@@ -162,15 +162,16 @@ PRESETS: dict[str, dict[str, dict]] = {
     # term: the real LPIPS trunk needs a download, and a random-trunk VGG at 128 px costs more
     # on a CPU than the whole autoencoder (see README).
     "demo": {
-        "vae": dict(block_out_channels=(32, 64, 128, 128), layers_per_block=1, latent_channels=4,
-                    norm_num_groups=16, perceptual="none",
-                    disc_start=10**9, learning_rate=1e-3, batch_size=16, max_steps=1200,
-                    holdout=64, eval_every=400, checkpoint_every=400, scale_images=1024,
-                    num_workers=1),
-        "unet": dict(block_out_channels=(64, 128, 192), layers_per_block=1,
+        # Measured on a 2-core CPU: the autoencoder trains at ~12 img/s (400 steps, ~4.5 min,
+        # held-out PSNR 11 -> 22 dB), the UNet at ~66 img/s (1000 steps, ~8 min).
+        "vae": dict(block_out_channels=(16, 32, 64), layers_per_block=1, latent_channels=4,
+                    norm_num_groups=8, perceptual="none", disc_start=10**9,
+                    learning_rate=1e-3, batch_size=8, max_steps=400, holdout=64,
+                    eval_every=200, checkpoint_every=200, scale_images=1024, num_workers=1),
+        "unet": dict(block_out_channels=(32, 64, 128, 128), layers_per_block=1,
                      attention_resolutions=(8, 4), attention_head_dim=32, norm_num_groups=16,
-                     learning_rate=1e-3, warmup_steps=100, batch_size=64, max_steps=3000,
-                     ema_decay=0.999, checkpoint_every=1000, preview_every=1000,
+                     learning_rate=1e-3, warmup_steps=100, batch_size=32, max_steps=1000,
+                     ema_decay=0.995, checkpoint_every=500, preview_every=500,
                      preview_images=16),
     },
     # For tests: 32 px images, a few thousand parameters, runs in seconds.
