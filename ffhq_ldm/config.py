@@ -83,6 +83,7 @@ class VAEConfig:
         return self
 
 
+BETA_SCHEDULES = ("scaled_linear", "linear", "cosine")
 PERCEPTUAL_CHOICES = ("lpips-vgg", "lpips-alex", "lpips-vgg-random-trunk", "none")
 
 
@@ -103,7 +104,8 @@ class UNetConfig:
     dropout: float = 0.0
     # noise schedule: LDM "linear" = diffusers scaled_linear with these endpoints
     num_train_timesteps: int = 1000
-    beta_schedule: str = "scaled_linear"  # scaled_linear (LDM) | linear | squaredcos_cap_v2 (cosine)
+    # scaled_linear (LDM's "linear", the paper) | linear | cosine (Nichol & Dhariwal 2021)
+    beta_schedule: str = "scaled_linear"
     beta_start: float = 0.0015
     beta_end: float = 0.0195
     prediction_type: str = "epsilon"  # epsilon (paper) | v_prediction
@@ -129,8 +131,9 @@ class UNetConfig:
     def validate(self) -> "UNetConfig":
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise ConfigError(f"prediction_type must be epsilon or v_prediction, not {self.prediction_type!r}")
-        if self.beta_schedule not in ("scaled_linear", "linear", "squaredcos_cap_v2"):
-            raise ConfigError(f"unknown beta_schedule {self.beta_schedule!r}")
+        if self.beta_schedule not in BETA_SCHEDULES:
+            raise ConfigError(f"beta_schedule must be one of {', '.join(BETA_SCHEDULES)}, "
+                              f"not {self.beta_schedule!r}")
         if any(c % self.norm_num_groups for c in self.block_out_channels):
             raise ConfigError(
                 f"every entry of block_out_channels={self.block_out_channels} must be divisible "

@@ -59,3 +59,44 @@ def test_paper_unet_trains_one_full_size_step_on_cpu(tmp_path):
     assert code == 0
     config = json.loads((tmp_path / "unet" / "pipeline" / "unet" / "config.json").read_text())
     assert config["block_out_channels"] == [192, 384, 576, 768] and config["sample_size"] == 32
+
+
+def test_vq_autoencoder_trains_and_exports_a_measured_scale(faces32, tmp_path):
+    import torch
+
+    from ffhq_ldm.data.images import ImageDataset, list_images
+    from ffhq_ldm.models.vae import load_vae
+
+    code = load_script("train_vae").main(COMMON + [
+        "--data", str(faces32), "--output-dir", str(tmp_path), "--autoencoder", "vq",
+        "--max-steps", "4", "--eval-every", "4", "--checkpoint-every", "4"])
+    assert code == 0
+    config = json.loads((tmp_path / "vae" / "config.json").read_text())
+    assert config["_class_name"] == "VQModel" and config["scaling_factor"] != 0.18215
+    vae = load_vae(tmp_path / "vae")
+    # independent: 1/std of the encoder's (pre-quantisation) output over the training split
+    split = json.loads((tmp_path / "vae" / "training_data.json").read_text())
+    files = list_images(faces32)
+    from ffhq_ldm.data.images import split_holdout
+
+    train, _ = split_holdout(files, split["holdout"], split["split_seed"])
+    x = torch.stack([ImageDataset(train, 32, flip="none")[i] for i in range(len(train))])
+    with torch.no_grad():
+        h = vae.encode(x).latents.double()
+    assert config["scaling_factor"] == pytest.approx(1 / h.std().item(), rel=1e-3)
+
+
+def test_fp16_is_refused_for_the_autoencoder(faces32, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = dict(os.environ, ACCELERATE_MIXED_PRECISION="fp16")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "training" / "train_vae.py"), "--preset", "tiny", "--data",
+         str(faces32), "--output-dir", str(tmp_path), "--log-with", "none"],
+        env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "fp16 is refused" in result.stderr and "Traceback" not in result.stderr

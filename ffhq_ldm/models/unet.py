@@ -66,7 +66,9 @@ def _schedule_kwargs(config: UNetConfig) -> dict:
     return dict(
         trained_betas=None if betas is None else betas.tolist(),
         num_train_timesteps=config.num_train_timesteps,
-        beta_schedule=config.beta_schedule,
+        # diffusers' name for the cosine schedule of improved DDPM
+        beta_schedule={"cosine": "squaredcos_cap_v2"}.get(config.beta_schedule,
+                                                          config.beta_schedule),
         beta_start=config.beta_start,
         beta_end=config.beta_end,
         prediction_type=config.prediction_type,
