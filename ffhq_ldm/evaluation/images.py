@@ -1,9 +1,8 @@
-"""Image-folder reading for evaluation (kept local so it does not depend on the data module).
+"""Image-folder reading for evaluation, with the same decoding as training.
 
-Every image is read with PIL, converted to RGB, centre-cropped to a square and,
-if its side differs from ``resolution``, resized with PIL's LANCZOS filter
-(antialiased, so downscaling large photos does not alias).  Arrays are uint8
-``(N, H, W, 3)``.
+Every image goes through ``ffhq_ldm.data.images``: EXIF orientation, 8-bit RGB (alpha on
+white), centre square crop and, if its side differs from ``resolution``, a LANCZOS resize
+(antialiased, so downscaling large photos does not alias). Arrays are uint8 ``(N, H, W, 3)``.
 """
 
 from __future__ import annotations
@@ -15,9 +14,10 @@ from typing import Iterator, List, Optional, Sequence
 import numpy as np
 from PIL import Image
 
+from ..data import images as data_images
 from .errors import EvaluationError
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+IMAGE_EXTENSIONS = data_images.IMAGE_EXTENSIONS
 
 
 def list_images(folder: str, what: str = "image folder") -> List[str]:
@@ -27,17 +27,11 @@ def list_images(folder: str, what: str = "image folder") -> List[str]:
     """
     if folder is None or not os.path.isdir(folder):
         raise EvaluationError(f"{what} not found: {folder!r} is not a directory")
-    paths = []
-    for root, _dirs, files in os.walk(folder):
-        for name in files:
-            if name.lower().endswith(IMAGE_EXTENSIONS):
-                paths.append(os.path.join(root, name))
-    if not paths:
-        raise EvaluationError(
-            f"{what} {folder!r} contains no images (looked recursively for {', '.join(IMAGE_EXTENSIONS)})"
-        )
-    paths.sort()
-    return paths
+    try:
+        return [str(p) for p in data_images.list_images(folder)]
+    except data_images.DataError:
+        raise EvaluationError(f"{what} {folder!r} contains no images (looked recursively for "
+                              f"{', '.join(IMAGE_EXTENSIONS)})") from None
 
 
 def relative_names(paths: Sequence[str], root: str) -> List[str]:
@@ -47,21 +41,15 @@ def relative_names(paths: Sequence[str], root: str) -> List[str]:
 
 def center_crop_resize(img: Image.Image, resolution: Optional[int]) -> np.ndarray:
     """RGB, centre square crop, LANCZOS resize to ``resolution`` (None keeps the crop size)."""
-    img = img.convert("RGB")
-    w, h = img.size
-    if w != h:
-        s = min(w, h)
-        left = (w - s) // 2
-        top = (h - s) // 2
-        img = img.crop((left, top, left + s, top + s))
-    if resolution is not None and img.size[0] != resolution:
-        img = img.resize((resolution, resolution), Image.LANCZOS)
-    return np.asarray(img, dtype=np.uint8)
+    rgb = data_images.to_rgb(img)
+    size = resolution or min(rgb.size)
+    return np.asarray(data_images.center_crop_resize(rgb, size), dtype=np.uint8)
 
 
 def load_image(path: str, resolution: Optional[int]) -> np.ndarray:
     try:
         with Image.open(path) as img:
+            img.load()
             return center_crop_resize(img, resolution)
     except (OSError, ValueError) as exc:  # corrupt / unreadable file
         raise EvaluationError(f"cannot read image {path!r}: {exc}") from exc
