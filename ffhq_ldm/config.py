@@ -17,7 +17,7 @@ import argparse
 import dataclasses
 import json
 import typing
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 

@@ -33,16 +33,6 @@ from ffhq_ldm.models.vae import Reconstructor, build_vae, decoder_last_layer
 # fixtures and helpers
 # ---------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_intra_op_thread():
-    """These tensors are tiny: a second intra-op thread only adds synchronisation, which on a
-    busy 2-core machine made this file several times slower. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def cfg():
     return get_preset("tiny", "vae")

@@ -28,16 +28,6 @@ T = 1000
 F32_EPS = float(np.finfo(np.float32).eps)  # 1.19e-7
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_intra_op_thread():
-    """These tensors are tiny: a second intra-op thread only adds synchronisation, which on a
-    busy 2-core machine made this file several times slower. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def sched():
     return build_train_scheduler(get_preset("ffhq128-f4", "unet"))

@@ -72,16 +72,6 @@ def sample(pipe, seed=0, **kwargs) -> torch.Tensor:
     return pipe(generator=generator, **kwargs).images
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are so small that intra-op threads only add synchronisation: on a busy
-    2-core machine a 4-step call took ~1 s of CPU with 2 threads and ~0.03 s with 1."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture
 def pipe():
     return build_pipeline()
