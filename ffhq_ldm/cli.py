@@ -150,9 +150,11 @@ def load_pipeline(model: str, sampler: str = "ddim", dtype: str = "fp32", device
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     pipe = FaceLDMPipeline.from_pretrained(path, use_safetensors=True)
     pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
-    pipe.unet.to(device=device, dtype=torch_dtype)
     # The VAE decodes in fp32 unless bf16 was asked for (fp16 VAEs overflow).
-    pipe.vae.to(device=device, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
+    vae_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    for module, want in ((pipe.unet, torch_dtype), (pipe.vae, vae_dtype)):
+        # Cast only when needed: diffusers warns on every .to(dtype), even a no-op one.
+        module.to(device=device, **({"dtype": want} if module.dtype != want else {}))
     return pipe
 
 
