@@ -196,7 +196,8 @@ def _sample(args) -> int:
                 Image.fromarray((image * 255).round().astype("uint8")).save(path)
                 written.append(path)
             bar.update(n)
-    grid = Path(args.grid) if args.grid else out / "grid.png"
+    # Beside the folder, not in it: the folder then holds only samples (for evaluate calc).
+    grid = Path(args.grid) if args.grid else out.with_name(out.name + "_grid.png")
     import numpy as np
 
     save_grid(np.stack([np.asarray(Image.open(p)) for p in written[:64]]), grid)
@@ -271,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="UNet precision")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--grid", default=None, help="grid PNG path (default: OUT/grid.png)")
+    p.add_argument("--grid", default=None, help="grid PNG path (default: OUT_grid.png beside OUT)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_sample)
 

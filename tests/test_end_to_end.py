@@ -56,7 +56,8 @@ def test_sample_cli_writes_pngs_and_grid(trained, tmp_path):
     assert code == 0
     files = sorted(samples.glob("seed0_*.png"))
     assert [f.name for f in files] == ["seed0_000000.png", "seed0_000001.png", "seed0_000002.png"]
-    assert (samples / "grid.png").is_file()
+    assert (tmp_path / "samples_grid.png").is_file()
+    assert len(list(samples.iterdir())) == 3  # only the samples: evaluate calc reads them all
     # image i depends on (seed, i), not on the batch size
     again = tmp_path / "again"
     cli_main(["sample", "--model", str(out / "unet_run" / "pipeline"), "--num", "3", "--steps",
