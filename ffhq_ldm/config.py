@@ -244,8 +244,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls, skip=()) -> None:
         conv = {int: int, float: float, str: str, bool: _parse_bool, tuple: _parse_tuple}[typ]
         default = getattr(defaults, f.name)
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=conv, default=None,
-                           metavar=typ.__name__.upper(), help=f"(paper default: {shown})")
+        # SUPPRESS: an option not given stays absent (config_from_args reads getattr(args, name,
+        # None)), and --help shows the real default, the preset's value, instead of "None".
+        group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=conv,
+                           default=argparse.SUPPRESS, metavar=typ.__name__.upper(),
+                           help=f"default: the preset's (the paper's: {shown})")
 
 
 def config_from_args(cls, preset: str, args: argparse.Namespace, stage: str):

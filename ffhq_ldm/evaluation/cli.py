@@ -105,8 +105,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     hold.add_argument("--holdout-fraction", type=float, default=0.1,
                       help="without --holdout: leave-one-out baseline on this fraction of --data")
     calc.add_argument("--out", required=True, help="output folder")
-    calc.add_argument("--kid-subsets", type=int, default=100)
-    calc.add_argument("--kid-subset-size", type=int, default=1000)
+    calc.add_argument("--kid-subsets", type=int, default=100,
+                      help="KID: number of random subsets averaged")
+    calc.add_argument("--kid-subset-size", type=int, default=1000,
+                      help="KID: images per subset (clipped to the set sizes)")
     calc.add_argument("--pr-k", type=int, default=3, help="k of the k-NN radii for precision/recall")
     calc.add_argument("--memo-quantile", type=float, default=0.01,
                       help="held-out quantile of nearest-train distance used for the memorisation threshold")
