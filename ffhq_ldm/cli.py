@@ -5,6 +5,7 @@
     ffhq-ldm cache-latents  --vae DIR --data D --latent-cache DIR   encode once for stage 2
     ffhq-ldm sample         --model DIR --num N --out DIR    images from an exported pipeline
     ffhq-ldm evaluate       ref|calc ...                     FID/KID, precision/recall, uniqueness
+    ffhq-ldm bench          [--preset ffhq128-f4] [--json F]  speed of every stage vs a baseline
 """
 
 from __future__ import annotations
@@ -282,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
         register_evaluate = None
     if register_evaluate is not None:
         register_evaluate(sub)
+    from .bench import register as register_bench  # argparse only: torch loads when it runs
+
+    register_bench(sub)
     return parser
 
 
