@@ -1,6 +1,7 @@
 """``ffhq-ldm``: one command line for every step that is not a training script.
 
     ffhq-ldm synth          --out DIR --num N                built-in synthetic faces
+    ffhq-ldm scan-data      --data D                         list unusable images before training
     ffhq-ldm reconstruct    --vae DIR --data D --out DIR     judge an autoencoder alone
     ffhq-ldm cache-latents  --vae DIR --data D --latent-cache DIR   encode once for stage 2
     ffhq-ldm sample         --model DIR --num N --out DIR    images from an exported pipeline
@@ -149,7 +150,11 @@ def load_pipeline(model: str, sampler: str = "ddim", dtype: str = "fp32", device
         raise UsageError(f"{model} is not an exported pipeline folder (no model_index.json); "
                          "pass the 'pipeline' folder written by training/train_unet.py")
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    pipe = FaceLDMPipeline.from_pretrained(path, use_safetensors=True)
+    try:
+        pipe = FaceLDMPipeline.from_pretrained(path, use_safetensors=True)
+    except OSError as exc:
+        raise UsageError(f"{model}: {exc} (pickled weights are refused: they can run code when "
+                         "loaded)") from None
     pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
     # The VAE decodes in fp32 unless bf16 was asked for (fp16 VAEs overflow).
     vae_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
@@ -286,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import register as register_bench  # argparse only: torch loads when it runs
 
     register_bench(sub)
+    from .data.scan import register as register_scan_data  # standard library only at import
+
+    register_scan_data(sub)
     return parser
 
 

@@ -1,17 +1,62 @@
-"""Pieces both trainers share: EMA, safe checkpoints and resume, samplers, logging helpers."""
+"""Pieces both trainers share: EMA, safe checkpoints and exact resume, preemption, the
+non-finite guard, samplers, logging helpers.
+
+A 72-hour run that dies at hour 70 must lose minutes, not days:
+
+- **Checkpoints hold no pickles.** Models, EMA, optimizer tensors and RNG states are
+  safetensors; everything else (step counters, LR schedules, GradScaler, the run's config) is
+  JSON. accelerate's ``save_state``/``load_state`` is not used: it pickles optimizer and
+  scheduler state, loads ``register_for_checkpointing`` objects with ``weights_only=False``
+  (a crafted ``custom_checkpoint_0.pkl`` runs code), and only logs a failed RNG restore.
+  A checkpoint folder that contains pickle files is refused without opening them.
+- **Checkpoints are never half-visible.** Written to ``checkpoints/.tmp-step-N``, fsynced,
+  renamed to ``checkpoints/step-N``; older ones are pruned only afterwards (renamed to a hidden
+  name first, so a crash mid-delete never leaves a half checkpoint that looks complete).
+  Hidden leftovers of a crash are ignored and removed at the next start.
+- **Resume is exact.** Besides the state above, every step reseeds the global RNG from
+  (seed, step, rank), so nothing that touches the global RNG between steps (data loader
+  iterators, previews, evaluation) can make a resumed run diverge from an uninterrupted one.
+- **Preemption** (SIGTERM/SIGINT) saves a checkpoint at the next step boundary and exits with
+  ``EXIT_PREEMPTED``; rerunning the same command continues.
+- **Non-finite losses** skip the update; ``max_in_row`` of them in a row stop the run (exit 2).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
+import random
 import shutil
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+from .cli_common import UsageError
 
 CHECKPOINT_PREFIX = "step-"
+CHECKPOINT_FORMAT = 2  # 1 was accelerate's save_state folder (pickled optimizer/scheduler/RNG)
+TRAINER_STATE = "trainer_state.json"
+# Exit code of a run stopped by SIGTERM/SIGINT after saving its checkpoint: sysexits.h
+# EX_TEMPFAIL, "temporary failure, retry". Not 0, so that `until train ...; do :; done`,
+# Kubernetes' restartPolicy=OnFailure or a Makefile treat the run as unfinished.
+EXIT_PREEMPTED = 75
+EXIT_NONFINITE = 2
+PICKLE_SUFFIXES = (".pkl", ".pickle", ".bin", ".pt", ".pth", ".ckpt")
+# Test hook (tests/test_resilience.py): send this process a real signal after step N.
+TEST_SIGNAL_ENV = "_FACELDM_TEST_SIGNAL_AT_STEP"
+
+
+class CheckpointError(UsageError):
+    """A checkpoint that cannot (or must not) be resumed from: one line, exit code 2."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -19,13 +64,28 @@ CHECKPOINT_PREFIX = "step-"
 # uses decay_m = min(decay, (1 + m) / (10 + m)), so early weights are not frozen in.
 
 class EMA:
-    """Exponential moving average of a model's parameters, kept in fp32."""
+    """Exponential moving average of a model's parameters, kept in fp32.
+
+    ``update(model)`` decides on the host. ``update(model, enabled=tensor)`` decides on the
+    device (the non-finite guard's flag): the update count lives in a device tensor then, so a
+    skipped update costs no host-device sync; ``num_updates`` reads it back (a sync, rarely).
+    """
 
     def __init__(self, model: torch.nn.Module, decay: float = 0.9999, warmup: bool = True):
         self.decay, self.warmup = decay, warmup
         self.names = [n for n, p in model.named_parameters()]
         self.shadow = [p.detach().float().clone() for p in model.parameters()]
-        self.num_updates = 0
+        self._calls = 0  # update() calls
+        self._skipped = None  # device tensor: calls whose device-side flag said "skip"
+
+    @property
+    def num_updates(self) -> int:
+        skipped = 0 if self._skipped is None else int(self._skipped.item())
+        return self._calls - skipped
+
+    @num_updates.setter
+    def num_updates(self, value: int) -> None:
+        self._calls, self._skipped = int(value), None
 
     def current_decay(self) -> float:
         """The decay the next update will use."""
@@ -33,13 +93,33 @@ class EMA:
         return min(self.decay, (1 + m) / (10 + m)) if self.warmup else self.decay
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
+    def update(self, model: torch.nn.Module, enabled: bool | torch.Tensor = True) -> None:
         """One EMA step; call it only after an optimizer step (gradients synchronised)."""
-        decay = self.current_decay()
+        if enabled is False:
+            return
         params = [p.detach().float() for p in model.parameters()]
-        # shadow <- shadow + (1 - decay) * (param - shadow), one fused kernel per dtype group
-        torch._foreach_lerp_(self.shadow, params, 1.0 - decay)
-        self.num_updates += 1
+        if enabled is True:
+            decay = self.current_decay()
+            # shadow <- shadow + (1 - decay) * (param - shadow), one fused kernel per dtype group
+            torch._foreach_lerp_(self.shadow, params, 1.0 - decay)
+            self._calls += 1
+            return
+        # Device-side gate: weight 0 leaves the shadow's values unchanged. A 0-dim tensor
+        # passed as lerp's scalar weight would be read back (.item()), so multiply instead.
+        device = self.shadow[0].device
+        ok = enabled.to(device=device, dtype=torch.float32)
+        if self._skipped is None:
+            self._skipped = torch.zeros((), dtype=torch.float32, device=device)
+        if self.warmup:
+            m = (self._calls + 1) - self._skipped
+            decay = torch.clamp((1 + m) / (10 + m), max=self.decay)
+        else:
+            decay = torch.full((), self.decay, device=device)
+        weight = (1.0 - decay) * ok
+        torch._foreach_mul_(self.shadow, 1.0 - weight)
+        torch._foreach_add_(self.shadow, torch._foreach_mul(params, weight))
+        self._calls += 1
+        self._skipped += 1.0 - ok
 
     @torch.no_grad()
     def copy_to(self, model: torch.nn.Module) -> None:
@@ -48,6 +128,8 @@ class EMA:
 
     def to(self, device) -> "EMA":
         self.shadow = [s.to(device) for s in self.shadow]
+        if self._skipped is not None:
+            self._skipped = self._skipped.to(device)
         return self
 
     def state_dict(self) -> dict:
@@ -60,8 +142,6 @@ class EMA:
                                                  "decay": str(self.decay)})
 
     def load(self, path: Path) -> None:
-        from safetensors import safe_open
-
         tensors = load_file(str(path))
         if set(tensors) != set(self.names):
             raise ValueError(f"EMA file {path} does not match the model's parameters")
@@ -72,20 +152,137 @@ class EMA:
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints: written to a temporary folder, then renamed, then old ones pruned.
+# Randomness: per-step seeds, and the RNG state saved with a checkpoint (no pickles)
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """A 63-bit seed for (seed, step, rank), unrelated to ``draw_global_batch``'s seeds."""
+    digest = hashlib.sha256(f"faceldm-global-rng/{seed}/{step}/{rank}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def seed_step(seed: int, step: int, rank: int) -> None:
+    """Reseed torch's global RNGs (CPU and accelerators) for this step: the posterior samples
+    and dropout masks of step s are a function of (seed, s, rank) alone."""
+    torch.manual_seed(step_seed(seed, step, rank))
+
+
+def check_process_group(accelerator) -> None:
+    """Refuse processes that were launched together but did not join one process group.
+
+    ``accelerate launch`` with several processes on a machine without GPUs (and without
+    ACCELERATE_USE_CPU=1) starts them, but each one then runs alone as process 0 of 1: N
+    independent trainings writing into the same output folder.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise UsageError(
+            f"{launched} processes were launched but accelerate joined "
+            f"{accelerator.num_processes}: they would train separately into one folder. On a "
+            f"machine without GPUs set ACCELERATE_USE_CPU=1 (configs/accelerate/cpu_2proc.yaml)")
+
+
+def capture_rng() -> tuple[dict, dict]:
+    """(tensors, JSON-able metadata) holding every RNG state of this process."""
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        # this process's device only: a checkpoint then resumes on a machine with another
+        # number of GPUs (accelerate saves every visible device's state in every rank's file)
+        tensors["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        tensors["mps"] = torch.mps.get_rng_state()
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    meta = {"python": [version, list(internal), gauss],
+            "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+    return tensors, meta
+
+
+def restore_rng(tensors: dict, meta: dict) -> None:
+    """Inverse of ``capture_rng``; raises instead of going on with other random numbers."""
+    torch.set_rng_state(tensors["torch_cpu"])
+    # A GPU checkpoint resumed on a CPU has no CUDA generator to restore: nothing to do (the
+    # training randomness comes from per-step seeds anyway, see ``seed_step``).
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"], torch.cuda.current_device())
+    if "mps" in tensors and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(tensors["mps"])
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer state as safetensors + JSON (torch's state_dict is tensors, numbers and lists)
+
+def _json_value(value):
+    if torch.is_tensor(value):
+        if value.numel() != 1:
+            raise TypeError("a tensor hyperparameter with more than one element")
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot store a {type(value).__name__} in a checkpoint")
+
+
+def save_optimizer(optimizer, path: Path) -> None:
+    state = optimizer.state_dict()
+    tensors, numbers = {}, {}
+    for index, entries in state["state"].items():
+        for key, value in entries.items():
+            name = f"{index}/{key}"
+            if torch.is_tensor(value):
+                tensors[name] = value.detach().cpu().contiguous()
+            else:
+                numbers[name] = _json_value(value)
+    groups = [{k: _json_value(v) for k, v in group.items()} for group in state["param_groups"]]
+    save_file(tensors, str(path), metadata={"param_groups": json.dumps(groups),
+                                             "numbers": json.dumps(numbers)})
+
+
+def load_optimizer(optimizer, path: Path) -> None:
+    tensors = load_file(str(path))
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    groups = json.loads(meta["param_groups"])
+    numbers = json.loads(meta.get("numbers", "{}"))
+    current = optimizer.param_groups
+    if len(groups) != len(current):
+        raise CheckpointError(f"{path.name}: {len(groups)} parameter groups, the optimizer has "
+                              f"{len(current)}")
+    for saved, now in zip(groups, current):
+        for key, value in saved.items():  # JSON has no tuples: give back e.g. Adam's betas'
+            if isinstance(now.get(key), tuple) and isinstance(value, list):
+                saved[key] = tuple(value)
+    state: dict[int, dict] = {}
+    for name, value in list(tensors.items()) + list(numbers.items()):
+        index, key = name.split("/", 1)
+        state.setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: written to a hidden temporary folder, fsynced, renamed, then old ones pruned.
 
 def checkpoint_dir(output_dir: Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
+def _step_of(path: Path) -> int | None:
+    rest = path.name[len(CHECKPOINT_PREFIX):]
+    return int(rest) if path.name.startswith(CHECKPOINT_PREFIX) and rest.isdigit() else None
+
+
 def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary folders are never listed)."""
+    """Complete checkpoints, oldest first (hidden temporary folders are never listed)."""
     root = checkpoint_dir(output_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
-             and p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / "trainer_state.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+    found = [p for p in root.iterdir() if p.is_dir() and _step_of(p) is not None
+             and (p / TRAINER_STATE).is_file()]
+    return sorted(found, key=_step_of)
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
@@ -93,59 +290,454 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def checkpoint_lineage(output_dir: Path, resumed_from: Path | None, step: int) -> list[Path]:
+    """The checkpoints in ``output_dir`` this run continues: those up to the step it resumes
+    from, when it resumes from one of them. The others (a previous run's after ``--resume
+    none`` or ``--resume`` elsewhere, or the abandoned future of an older checkpoint) are
+    replaced at this run's first save, so a later auto-resume never picks them."""
+    if resumed_from is None or Path(resumed_from).resolve().parent != \
+            checkpoint_dir(output_dir).resolve():
+        return []
+    return [p for p in list_checkpoints(output_dir) if _step_of(p) <= step]
+
+
+def clean_stale(output_dir: Path) -> list[Path]:
+    """Remove what a crash left behind: hidden ``.tmp-*`` / ``.del-*`` folders. Returns them."""
+    root = checkpoint_dir(output_dir)
+    stale = [p for p in root.iterdir() if p.name.startswith(".")] if root.is_dir() else []
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    return stale
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_tree(path: Path) -> None:
     for file in path.rglob("*"):
         if file.is_file():
-            with open(file, "rb") as fh:
-                os.fsync(fh.fileno())
+            _fsync_path(file)
+    _fsync_path(path)  # the directory entries themselves
 
 
-def save_checkpoint(accelerator, output_dir: Path, step: int, trainer_state: dict,
-                    ema: EMA | None = None, keep: int = 2) -> Path | None:
-    """Save everything needed to resume; the folder appears only once complete."""
+def _discard(path: Path) -> None:
+    """Hide ``path`` with one atomic rename, then delete it: never a half-deleted checkpoint
+    that still looks complete."""
+    hidden = path.with_name(f".del-{path.name}-{os.getpid()}")
+    os.replace(path, hidden)
+    shutil.rmtree(hidden, ignore_errors=True)
+
+
+def _rank_file(rank: int) -> str:
+    return f"rng-{rank}.safetensors"
+
+
+def save_checkpoint(accelerator, output_dir: Path, step: int, trainer_state: dict, *,
+                    models: dict, optimizers: dict, schedulers: dict | None = None,
+                    ema: EMA | None = None, keep: int = 2, lineage: list | None = None) -> Path:
+    """Save everything needed to resume exactly; the folder appears only once complete.
+
+    ``models``/``optimizers``/``schedulers`` map a file name to the object. ``lineage``: the
+    checkpoints of this run (oldest first); older ones beyond ``keep`` and every checkpoint not
+    in it (a previous run's, after ``--resume none``) are pruned after the new one is in place.
+    """
     root = checkpoint_dir(output_dir)
     final = root / f"{CHECKPOINT_PREFIX}{step:08d}"
-    tmp = root / f".tmp-{CHECKPOINT_PREFIX}{step:08d}"
-    if accelerator.is_main_process:
+    tmp = root / f".tmp-{final.name}"
+    main = accelerator.is_main_process
+    if main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    if accelerator.is_main_process:
+    # every process: its own RNG states
+    tensors, meta = capture_rng()
+    save_file(tensors, str(tmp / _rank_file(accelerator.process_index)),
+              metadata={"rng": json.dumps(meta)})
+    if main:
+        for name, model in models.items():
+            save_model(accelerator.unwrap_model(model), str(tmp / f"{name}.safetensors"))
+        for name, optimizer in optimizers.items():
+            save_optimizer(optimizer, tmp / f"optimizer-{name}.safetensors")
         if ema is not None:
             ema.save(tmp / "ema.safetensors")
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
+        scaler = getattr(accelerator, "scaler", None)
+        scaler_state = None if scaler is None else _json_value_tree(scaler.state_dict())
+        payload = dict(trainer_state, format=CHECKPOINT_FORMAT, step=step,
+                       num_processes=accelerator.num_processes,
+                       models=sorted(models), optimizers=sorted(optimizers),
+                       schedulers={k: _json_value_tree(s.state_dict())
+                                   for k, s in (schedulers or {}).items()},
+                       grad_scaler=scaler_state, ema=ema is not None)
+    accelerator.wait_for_everyone()  # all RNG files written
+    if main:
+        # trainer_state.json last: a folder without it is never taken for a checkpoint
+        (tmp / TRAINER_STATE).write_text(json.dumps(payload, indent=2) + "\n")
         _fsync_tree(tmp)
-        if final.exists():
-            shutil.rmtree(final)
+        if final.exists():  # the same step saved again (a fresh run over an old one)
+            _discard(final)
         os.replace(tmp, final)
-        for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        _fsync_path(root)
+        if lineage is not None:
+            lineage.append(final)
+            mine = [p for p in lineage if p.exists()]
+            lineage[:] = mine[-keep:] if keep > 0 else mine
+            for old in list_checkpoints(output_dir):
+                if old not in lineage:
+                    _discard(old)
+        elif keep > 0:
+            for old in list_checkpoints(output_dir)[:-keep]:
+                _discard(old)
     accelerator.wait_for_everyone()
     return final
 
 
-def load_checkpoint(accelerator, path: Path, ema: EMA | None = None) -> dict:
-    """Restore accelerate's state (models, optimizers, schedulers, RNG) and return ours."""
+def _json_value_tree(value):
+    if isinstance(value, dict):
+        return {str(k): _json_value_tree(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_value_tree(v) for v in value]
+    return _json_value(value)
+
+
+def read_trainer_state(path: Path) -> dict:
+    """The JSON half of a checkpoint, with clear errors for anything that is not ours."""
     path = Path(path)
-    if not (path / "trainer_state.json").is_file():
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no trainer_state.json)")
-    accelerator.load_state(str(path))
-    if ema is not None:
-        ema.load(path / "ema.safetensors")
-    return json.loads((path / "trainer_state.json").read_text())
+    state_file = path / TRAINER_STATE
+    if not state_file.is_file():
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {TRAINER_STATE})")
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        # Never unpickle: a pickle can run any code while it loads. Our checkpoints hold none;
+        # these come from accelerate's save_state (an older FaceLDM) or from someone else.
+        raise CheckpointError(
+            f"{path} holds pickle files ({', '.join(pickles)}), which can run code when loaded; "
+            "FaceLDM checkpoints are safetensors + JSON only, so this one is refused. Delete "
+            "those files if you trust them not to matter, or start fresh with --resume none")
+    try:
+        state = json.loads(state_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{state_file} is not valid JSON: {exc}") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} was written by another version of FaceLDM (format "
+                              f"{state.get('format') if isinstance(state, dict) else '?'}, "
+                              f"expected {CHECKPOINT_FORMAT}); start fresh with --resume none")
+    return state
+
+
+def check_resumable(state: dict, path: Path, trainer: str, config_cls, config, run: dict,
+                    may_change: tuple = ()) -> None:
+    """Refuse, in one line, a checkpoint made by another trainer or with other settings.
+
+    ``run``: facts beyond the config that must match (e.g. the number of training images, the
+    global batch); ``may_change``: config fields that do not change what is trained (max_steps,
+    how often to save or evaluate).
+    """
+    from dataclasses import fields
+
+    from .config import ConfigError, config_from_dict, to_dict
+
+    if state.get("trainer") != trainer:
+        raise CheckpointError(f"{path} is a checkpoint of {state.get('trainer')!r}, not of "
+                              f"{trainer!r}; pass a {trainer} checkpoint or --resume none")
+    saved_dict = state.get("config")
+    if not isinstance(saved_dict, dict):
+        raise CheckpointError(f"{path / TRAINER_STATE} has no 'config' section")
+    try:
+        saved = to_dict(config_from_dict(config_cls, saved_dict))
+    except ConfigError as exc:
+        raise CheckpointError(f"{path / TRAINER_STATE}: {exc}") from None
+    except (TypeError, ValueError) as exc:  # e.g. a string where a number belongs
+        raise CheckpointError(f"{path / TRAINER_STATE} has an invalid config: {exc}") from None
+    now = to_dict(config)
+    diffs = [f"--{f.name.replace('_', '-')} {_show(saved[f.name])} (this command: "
+             f"{_show(now[f.name])})" for f in fields(config_cls)
+             if f.name not in may_change and saved[f.name] != now[f.name]]
+    saved_run = state.get("run") or {}
+    diffs += [f"{k} {_show(saved_run.get(k))} (this command: {_show(v)})"
+              for k, v in run.items() if saved_run.get(k) != v]
+    if diffs:
+        raise CheckpointError(
+            f"cannot resume from {path}: it was trained with {'; '.join(diffs)}. Rerun with the "
+            f"checkpoint's settings (see its {TRAINER_STATE}), or start fresh with --resume none "
+            f"or another --output-dir")
+
+
+def _show(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def load_checkpoint(accelerator, path: Path, *, models: dict, optimizers: dict,
+                    schedulers: dict | None = None, ema: EMA | None = None,
+                    state: dict | None = None) -> dict:
+    """Restore models, optimizers, schedulers, GradScaler, EMA and RNG; return trainer state.
+
+    Only safetensors and JSON are read. Every failure, the RNG restore included, is an error:
+    a resume that silently continues with other random numbers is not exact.
+    """
+    path = Path(path)
+    state = read_trainer_state(path) if state is None else state
+    rank, saved_procs = accelerator.process_index, int(state.get("num_processes", 1))
+    # A run resumed in another process layout: a rank the checkpoint has no RNG file for takes
+    # another rank's. Training stays exact across layouts through the per-step seeds
+    # (``seed_step``, ``draw_global_batch``), not through these states.
+    rng_name = _rank_file(rank if saved_procs == accelerator.num_processes
+                          else rank % max(saved_procs, 1))
+    expected = [f"{n}.safetensors" for n in models] + \
+               [f"optimizer-{n}.safetensors" for n in optimizers] + \
+               [rng_name] + (["ema.safetensors"] if ema else [])
+    missing = [name for name in expected if not (path / name).is_file()]
+    if missing or sorted(models) != state.get("models") or \
+            sorted(optimizers) != state.get("optimizers"):
+        raise CheckpointError(f"{path} is incomplete or from another setup (missing: "
+                              f"{', '.join(missing) or 'none'}; holds models "
+                              f"{state.get('models')}, optimizers {state.get('optimizers')})")
+    try:
+        for name, model in models.items():
+            load_model(accelerator.unwrap_model(model), str(path / f"{name}.safetensors"),
+                       strict=True, device=str(accelerator.device))
+        for name, optimizer in optimizers.items():
+            load_optimizer(optimizer, path / f"optimizer-{name}.safetensors")
+        for name, scheduler in (schedulers or {}).items():
+            scheduler.load_state_dict(state["schedulers"][name])
+        scaler = getattr(accelerator, "scaler", None)
+        if scaler is not None and state.get("grad_scaler"):
+            scaler.load_state_dict(state["grad_scaler"])
+        if ema is not None:
+            ema.load(path / "ema.safetensors")
+        rng_file = path / rng_name
+        with safe_open(str(rng_file), "pt") as f:
+            meta = json.loads((f.metadata() or {})["rng"])
+        restore_rng(load_file(str(rng_file)), meta)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # a damaged file: say which checkpoint, not a deep traceback
+        raise CheckpointError(f"cannot restore {path}: {type(exc).__name__}: {exc}") from exc
+    return state
 
 
 def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
-    """``--resume`` semantics: None/"auto" = latest in output_dir if any, "none" = fresh, else a path."""
+    """``--resume``: None/"auto" = the latest in output_dir if any, "none" = fresh, else a path."""
     if resume in (None, "auto"):
         return latest_checkpoint(output_dir)
     if resume == "none":
         return None
     path = Path(resume)
-    if not (path / "trainer_state.json").is_file():
+    if not (path / TRAINER_STATE).is_file():
         raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint folder")
     return path
+
+
+def truncate_jsonl(path: Path, step: int) -> None:
+    """Drop log records past ``step`` (written after the checkpoint a run resumes from), so the
+    log reads as one uninterrupted run."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # the half-written last line of a killed run
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Preemption: SIGTERM/SIGINT -> checkpoint at the next step boundary -> EXIT_PREEMPTED
+
+class GracefulStop:
+    """Turns SIGTERM and SIGINT into a request to stop at the next step boundary.
+
+    A second signal aborts at once (SIGINT: KeyboardInterrupt, exit 130; SIGTERM: the default
+    action). With several processes the ranks agree every ``sync_every`` steps (an all-reduce),
+    so they all save the same step; a single process checks a Python flag every step.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, accelerator, sync_every: int = 10):
+        self.accelerator, self.sync_every = accelerator, sync_every
+        self.received: int | None = None
+        self._previous: dict = {}
+        test_step = os.environ.get(TEST_SIGNAL_ENV, "")
+        self._test_step = int(test_step) if test_step.isdigit() else None
+        self._test_signal = getattr(signal, os.environ.get(TEST_SIGNAL_ENV + "_SIGNAL", "SIGTERM"))
+
+    def __enter__(self) -> "GracefulStop":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:  # the second signal: stop now
+            self.__exit__()
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signum)
+            return
+        self.received = signum
+        print(f"\nreceived {signal.Signals(signum).name}: saving a checkpoint after this step, "
+              "then exiting (send it again to stop at once, without saving)", file=sys.stderr,
+              flush=True)
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.received).name if self.received else "signal"
+
+    def should_stop(self, step: int) -> bool:
+        if self._test_step is not None and step == self._test_step and self.received is None:
+            os.kill(os.getpid(), self._test_signal)  # a real signal, through the real handler
+            deadline = time.monotonic() + 5
+            while self.received is None and time.monotonic() < deadline:
+                time.sleep(0.001)
+        if self.accelerator.num_processes == 1:
+            return self.received is not None
+        if step % self.sync_every:
+            return False
+        flag = torch.tensor(float(self.received is not None), device=self.accelerator.device)
+        return self.accelerator.reduce(flag, "sum").item() > 0
+
+
+def preempted_message(stop: GracefulStop, step: int, checkpoint: Path) -> str:
+    return (f"stopped by {stop.signal_name} at step {step}; checkpoint {checkpoint}. "
+            f"Rerun the same command to continue from it (exit code {EXIT_PREEMPTED}).")
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: a SIGINT/SIGTERM sent to the whole process group (Ctrl-C,
+    a scheduler) must not kill the workers while the main process finishes its step."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite guard: skip the update, count, stop after too many in a row
+
+def fused_supported(device) -> bool:
+    """Whether torch's fused Adam/AdamW runs on this device type (it can skip on a device flag)."""
+    return torch.device(device).type in ("cuda", "cpu", "mps", "xpu")
+
+
+class NonFiniteGuard:
+    """Skips updates whose loss (or gradient norm) is not finite, counts them, and says when
+    ``max_in_row`` came in a row.
+
+    Two modes, chosen per run:
+    - ``deferred`` (fused optimizer, no GradScaler): the flag never leaves the device. The
+      fused Adam/AdamW kernel reads it as ``found_inf`` (the mechanism torch's GradScaler uses:
+      parameters, moments and step count stay untouched), the EMA weight is multiplied by it,
+      and the counters are device tensors read back by ``poll`` at log and checkpoint steps.
+      No host-device sync per step; a run of bad steps is noticed at the next poll, which is
+      harmless because each of those updates was skipped.
+    - host: ``step`` reads the flag back every step (one sync; with a GradScaler, accelerate
+      already syncs every step to learn whether the scaler skipped).
+    """
+
+    def __init__(self, max_in_row: int, device, deferred: bool, reduce=None, write=None):
+        self.max_in_row, self.deferred, self.device = max_in_row, deferred, torch.device(device)
+        self.reduce = reduce  # sums a device tensor over processes (None: one process)
+        self.write = write or (lambda text: print(text, file=sys.stderr, flush=True))
+        self.total, self.run, self.worst = 0, 0, 0  # as of the last poll (host)
+        zeros = lambda: torch.zeros((), dtype=torch.float32, device=self.device)  # noqa: E731
+        self._total, self._run, self._worst = zeros(), zeros(), zeros()
+        self._polled_total, self._polled_step = 0, 0
+
+    def flag(self, *values) -> torch.Tensor:
+        """Device bool: True when any of ``values`` is not finite (on any process)."""
+        bad = torch.zeros((), dtype=torch.bool, device=self.device)
+        for value in values:
+            if value is not None:
+                bad = bad | ~torch.isfinite(value.detach()).all()
+        if self.reduce is not None:
+            bad = self.reduce(bad.float()) > 0
+        return bad
+
+    def step(self, optimizer, bad: torch.Tensor):
+        """Optimizer step unless ``bad``; gradients are zeroed either way.
+
+        Returns what ``EMA.update(enabled=...)`` wants: a device tensor (deferred) or a bool.
+        """
+        if self.deferred:
+            inner = getattr(optimizer, "optimizer", optimizer)  # under accelerate's wrapper
+            inner.found_inf = bad.float()
+            try:
+                optimizer.step()
+            finally:
+                del inner.found_inf
+            ok = ~bad
+        else:
+            ok = not bool(bad)
+            if ok:
+                optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return ok
+
+    def record(self, bad, step: int) -> None:
+        """Count step ``step``'s outcome (``bad``: device tensor or bool)."""
+        if self.deferred:
+            bad = bad.float()
+            self._total += bad
+            self._run = (self._run + 1) * bad
+            self._worst = torch.maximum(self._worst, self._run)
+            return
+        if bad:
+            self.total, self.run = self.total + 1, self.run + 1
+            self.worst = max(self.worst, self.run)
+            self.write(f"step {step}: loss not finite, update skipped ({self.run} in a row, "
+                       f"{self.total} in all)")
+        else:
+            self.run = 0
+
+    def poll(self, step: int) -> bool:
+        """Read the counters (deferred: one sync); True when the run must stop."""
+        if self.deferred:
+            total, run, worst = (int(v) for v in torch.stack(
+                [self._total, self._run, self._worst]).tolist())
+            if total > self._polled_total:
+                self.write(f"steps {self._polled_step + 1}-{step}: "
+                           f"{total - self._polled_total} update(s) skipped, loss not finite "
+                           f"({total} in all)")
+            self.total, self.run, self.worst = total, run, worst
+            self._worst.copy_(self._run)  # a later poll judges the streaks after this one
+            self._polled_total, self._polled_step = total, step
+            return worst >= self.max_in_row
+        return self.run >= self.max_in_row
+
+    def state_dict(self) -> dict:
+        if self.deferred:
+            self.total, self.run = (int(v) for v in torch.stack([self._total, self._run]).tolist())
+        return {"total": self.total, "run": self.run}
+
+    def load_state_dict(self, state: dict, step: int = 0) -> None:
+        self.total, self.run = int(state.get("total", 0)), int(state.get("run", 0))
+        self.worst = self.run
+        self._total.fill_(self.total)
+        self._run.fill_(self.run)
+        self._worst.fill_(self.run)
+        self._polled_total, self._polled_step = self.total, step
+
+    def stop_message(self, step: int, checkpoint: Path | None) -> str:
+        where = f"the last good checkpoint is {checkpoint}" if checkpoint else \
+            "no checkpoint was saved"
+        return (f"error: stopped at step {step}: the loss was not finite for "
+                f"{max(self.worst, self.run)} steps in a row (limit --max-nonfinite "
+                f"{self.max_in_row}; {self.total} skipped in all); {where}. Lower the learning "
+                f"rate, check the data, or raise --max-nonfinite, then rerun")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,6 +793,22 @@ class Throughput:
         return rate
 
 
+def write_json_atomic(path: Path, payload) -> None:
+    """Write JSON to a temporary name, then rename: a reader (or a resume) never sees half."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json_or(path: Path, default):
+    """JSON from ``path``, or ``default`` when it is missing or damaged."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return default
+
+
 def append_jsonl(path: Path, record: dict) -> None:
     """One JSON line per log event: the machine-readable twin of the TensorBoard scalars."""
     with open(path, "a") as fh:
@@ -213,6 +821,11 @@ def scalars(logs: dict) -> dict:
     for k, v in logs.items():
         out[k] = float(v.item() if torch.is_tensor(v) else v)
     return out
+
+
+def finite_or_none(value: float):
+    """JSON has no NaN: a non-finite logged value is written as null."""
+    return value if math.isfinite(value) else None
 
 
 def warmup_lambda(warmup: int):

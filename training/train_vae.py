@@ -6,14 +6,21 @@
 Writes ``OUTPUT/config.json`` (the resolved config), TensorBoard logs, ``metrics.json``
 (held-out PSNR/SSIM/LPIPS over training), reconstruction grids, checkpoints, and at the end
 ``OUTPUT/vae/``: the autoencoder in diffusers format with its measured scaling factor.
-Rerunning the same command resumes from the latest checkpoint.
+
+Nothing lost, nothing crashes:
+- Rerunning the same command resumes exactly (bit for bit on CPU) from the latest complete
+  checkpoint, or from ``--resume PATH``; other settings than the checkpoint's are refused.
+- SIGTERM or SIGINT (Ctrl-C): a checkpoint at the end of the current step, then exit code 75
+  (``EXIT_PREEMPTED``); a second signal stops at once.
+- A non-finite loss skips that update; ``--max-nonfinite`` of them in a row stop the run with
+  exit code 2, keeping the last good checkpoint.
+- Unusable image files are skipped and listed with their reasons in
+  ``OUTPUT/skipped_files.json`` (``ffhq-ldm scan-data`` shows them before training).
 """
 
 from __future__ import annotations
 
-import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -23,16 +30,25 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ffhq_ldm.cli_common import UsageError, run_main, training_parser
-from ffhq_ldm.config import VAEConfig, config_from_args, save_run_config
-from ffhq_ldm.data.images import ImageDataset, open_dataset
+from ffhq_ldm.config import VAEConfig, config_from_args, save_run_config, to_dict
+from ffhq_ldm.data.images import (SMALL_IMAGE_POLICIES, ImageDataset, load_failures,
+                                  open_dataset_checked)
+from ffhq_ldm.data.scan import ScanReport, inspect_image
 from ffhq_ldm.evaluation.autoencoder import batched, reconstruction_metrics
 from ffhq_ldm.export import export_vae
 from ffhq_ldm.losses.autoencoder import AutoencoderLoss
 from ffhq_ldm.losses.perceptual import build_perceptual
 from ffhq_ldm.models.discriminator import PatchDiscriminator
 from ffhq_ldm.models.vae import Reconstructor, build_vae, decoder_last_layer, measure_scaling_factor
-from ffhq_ldm.train_utils import (EpochSampler, Throughput, append_jsonl, load_checkpoint,
-                                  resolve_resume, save_checkpoint, scalars)
+from ffhq_ldm.train_utils import (EXIT_NONFINITE, EXIT_PREEMPTED, EpochSampler, GracefulStop,
+                                  NonFiniteGuard, Throughput, append_jsonl, check_resumable,
+                                  checkpoint_lineage, clean_stale, finite_or_none,
+                                  fused_supported, ignore_stop_signals, latest_checkpoint,
+                                  list_checkpoints, load_checkpoint, preempted_message,
+                                  read_json_or, read_trainer_state, resolve_resume,
+                                  save_checkpoint, scalars, seed_step, truncate_jsonl,
+                                  write_json_atomic)
+from ffhq_ldm.train_utils import check_process_group
 from ffhq_ldm.visual import save_grid
 
 
@@ -41,11 +57,27 @@ def parse_args(argv=None):
     parser.add_argument("--lpips-trunk", default=None, metavar="PATH",
                         help="torchvision ImageNet weights for the LPIPS trunk "
                              "(vgg16-397923af.pth); default: torchvision's cache")
+    parser.add_argument("--log-every", type=int, default=10, help="steps between log lines")
+    parser.add_argument("--max-nonfinite", type=int, default=20, metavar="K",
+                        help="stop (exit code 2) after K steps in a row with a non-finite loss; "
+                             "each one skips its update")
+    parser.add_argument("--small-images", choices=SMALL_IMAGE_POLICIES, default="upscale",
+                        help="images smaller than --resolution: upscale them (with a warning) "
+                             "or skip them")
     return parser.parse_args(argv)
 
 
+# Config fields that may differ on resume: they do not change what is trained.
+MAY_CHANGE = ("max_steps", "eval_every", "checkpoint_every", "scale_images", "num_workers")
+
+
 class FlipEncoded(torch.utils.data.Dataset):
-    """Index ``i + n`` is image ``i`` mirrored: the sampler decides flips, so order is replayable."""
+    """Index ``i + n`` is image ``i`` mirrored: the sampler decides flips, so order is replayable.
+
+    Yields ``(image, requested index, index used)``: the two differ when the requested file
+    failed to decode and the next one stood in (in a worker process, where the main process
+    cannot see it otherwise).
+    """
 
     def __init__(self, items, size, image_key):
         self.plain = ImageDataset(items, size, flip="none", image_key=image_key)
@@ -55,8 +87,24 @@ class FlipEncoded(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         n = len(self.plain)
-        x = self.plain[index % n]
-        return x.flip(-1) if index >= n else x
+        x, used = self.plain.get(index % n)
+        return (x.flip(-1) if index >= n else x), index % n, used
+
+
+def _stand_ins(requested, used, dataset: ImageDataset, size: int, report: ScanReport) -> dict:
+    """{file: reason} for files that failed in a worker: requested .. used (exclusive)."""
+    known = {entry["file"] for entry in report.load_failures}
+    failures = {}
+    for r, u in zip(requested.tolist(), used.tolist()):
+        j = r
+        while j != u:
+            name = dataset.name(j)
+            if report.relative(name) not in known:
+                reason = "fails to decode" if dataset.image_key else \
+                    inspect_image(name, size, full=True)[1] or "failed to decode while loading"
+                failures[name] = reason
+            j = (j + 1) % len(dataset)
+    return failures
 
 
 def _describe(metrics: dict) -> str:
@@ -67,79 +115,133 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     config = config_from_args(VAEConfig, args.preset, args, "vae")
     out = Path(args.output_dir)
+    if args.max_nonfinite < 1 or args.log_every < 1:
+        raise UsageError("--max-nonfinite and --log-every must be >= 1")
 
     # -- accelerator ---------------------------------------------------------------------------
     accelerator = Accelerator(log_with=None if args.log_with == "none" else args.log_with,
                               project_dir=str(out))
+    check_process_group(accelerator)
     if accelerator.mixed_precision == "fp16":
         raise UsageError("fp16 is refused for the autoencoder: its activations overflow to NaN. "
                          "Use bf16 or no mixed precision (accelerate_config.yaml or "
                          "--mixed_precision bf16)")
     set_seed(config.seed)
-    main_proc = accelerator.is_main_process
+    main_proc, device, procs = (accelerator.is_main_process, accelerator.device,
+                                accelerator.num_processes)
 
-    # -- data ----------------------------------------------------------------------------------
-    train_items, held_items, image_key = open_dataset(args.data, config.resolution,
-                                                       config.holdout, config.seed)
-    if len(train_items) < config.batch_size * accelerator.num_processes:
+    # -- data: unusable files left out (and listed) before the split ---------------------------
+    train_items, held_items, image_key, report = open_dataset_checked(
+        args.data, config.resolution, config.holdout, config.seed, args.small_images,
+        progress=main_proc and not args.no_progress)
+    if report is None:  # a HuggingFace dataset: not scanned, bad rows are found while loading
+        report = ScanReport(args.data, config.resolution, args.small_images)
+        report.files = len(train_items) + len(held_items)
+        report.usable = [None] * report.files
+    report_path = out / "skipped_files.json"
+    if main_proc:
+        report.write(report_path)
+        accelerator.print(f"data: {report.summary()}" + (f"; see {report_path}" if
+                                                         report.exit_code() else ""))
+    if len(train_items) < config.batch_size * procs:
         raise UsageError(f"only {len(train_items)} training images for a global batch of "
-                         f"{config.batch_size * accelerator.num_processes}; lower --batch-size")
+                         f"{config.batch_size * procs}; lower --batch-size")
     train_set = FlipEncoded(train_items, config.resolution, image_key)
     held_set = ImageDataset(held_items, config.resolution, flip="none", image_key=image_key)
     sampler = EpochSampler(len(train_set), config.seed, flip=True)
     loader = DataLoader(train_set, batch_size=config.batch_size, sampler=sampler, drop_last=True,
                         num_workers=config.num_workers, pin_memory=torch.cuda.is_available(),
-                        persistent_workers=config.num_workers > 0)
-    batches_per_epoch = len(train_set) // (config.batch_size * accelerator.num_processes)
+                        persistent_workers=config.num_workers > 0,
+                        worker_init_fn=ignore_stop_signals)
+    batches_per_epoch = len(train_set) // (config.batch_size * procs)
 
     # -- models, loss, optimisers --------------------------------------------------------------
+    set_seed(config.seed)  # initial weights from the seed alone, whatever ran before
     perceptual = build_perceptual(config.perceptual, args.lpips_trunk)  # fails early if offline
     vae = build_vae(config)
     recon_model = Reconstructor(vae)
     disc = PatchDiscriminator(3, config.disc_channels, config.disc_layers)
     loss_fn = AutoencoderLoss(config, perceptual, disc)
-    opt_g = torch.optim.Adam(vae.parameters(), lr=config.learning_rate, betas=(0.5, 0.9))
-    opt_d = torch.optim.Adam(disc.parameters(), lr=config.learning_rate, betas=(0.5, 0.9))
-    recon_model, disc, opt_g, opt_d, loader = accelerator.prepare(recon_model, disc, opt_g, opt_d,
-                                                                  loader)
+    # Fused Adam where torch has it: faster, and it can skip a step on a device-side flag.
+    fused = fused_supported(device)
+    opt_g = torch.optim.Adam(vae.parameters(), lr=config.learning_rate, betas=(0.5, 0.9),
+                             fused=fused)
+    opt_d = torch.optim.Adam(disc.parameters(), lr=config.learning_rate, betas=(0.5, 0.9),
+                             fused=fused)
+    recon_model, disc, opt_g, opt_d = accelerator.prepare(recon_model, disc, opt_g, opt_d)
+    # The batches stay on the host: the image indices they carry are checked there for free.
+    loader = accelerator.prepare_data_loader(loader, device_placement=False)
     loss_fn.discriminator = disc
     if perceptual is not None:
-        perceptual.to(accelerator.device)
+        perceptual.to(device)
     last_layer = decoder_last_layer(vae)
+    guard = NonFiniteGuard(args.max_nonfinite, device,
+                           deferred=fused and accelerator.scaler is None,
+                           reduce=(lambda t: accelerator.reduce(t, "sum")) if procs > 1 else None,
+                           write=lambda text: tqdm.write(text, file=sys.stderr))
+    models = {"vae": recon_model, "discriminator": disc}
+    optimizers = {"vae": opt_g, "discriminator": opt_d}
+    run_facts = {"num_train_images": len(train_items), "global_batch": config.batch_size * procs,
+                 "small_images": args.small_images}
 
     # -- resume --------------------------------------------------------------------------------
+    if main_proc:
+        clean_stale(out)  # the hidden leftovers of a crash in the middle of a save
     step, images_seen = 0, 0
     resume_from = resolve_resume(out, args.resume)
     if resume_from is not None:
-        state = load_checkpoint(accelerator, resume_from)
+        state = read_trainer_state(resume_from)
+        check_resumable(state, resume_from, "vae", VAEConfig, config, run_facts, MAY_CHANGE)
+        load_checkpoint(accelerator, resume_from, models=models, optimizers=optimizers,
+                        state=state)
         step, images_seen = state["step"], state["images_seen"]
+        guard.load_state_dict(state.get("nonfinite", {}), step)
+        if main_proc:
+            truncate_jsonl(out / "log.jsonl", step)
         accelerator.print(f"resumed from {resume_from} at step {step}")
+    lineage = checkpoint_lineage(out, resume_from, step)
+    if len(lineage) < len(list_checkpoints(out)):
+        accelerator.print(f"note: the other checkpoints in {out / 'checkpoints'} are not this "
+                          "run's; its first save replaces them")
     if main_proc:
         save_run_config(out / "config.json", vae=config, run={
             "preset": args.preset, "data": args.data, "output_dir": str(out),
-            "num_processes": accelerator.num_processes,
-            "mixed_precision": accelerator.mixed_precision})
+            "num_processes": procs, "mixed_precision": accelerator.mixed_precision,
+            "small_images": args.small_images, "max_nonfinite": args.max_nonfinite})
     if accelerator.log_with:
         accelerator.init_trackers("train_vae")
     metrics_path = out / "metrics.json"
-    history = json.loads(metrics_path.read_text()) if metrics_path.is_file() and step else []
+    history = read_json_or(metrics_path, []) if step else []
+    history = [h for h in history if h["step"] <= step]  # evaluations past the checkpoint
+
+    def note_load_failures(extra: dict | None = None) -> None:
+        """Files that failed to decode while training: into skipped_files.json."""
+        if main_proc and report.add_load_failures({**load_failures(), **(extra or {})}):
+            report.write(report_path)
 
     def run_eval():
         recon_model.eval()
         with accelerator.autocast():
             metrics, (orig, rec) = reconstruction_metrics(
                 lambda x: recon_model(x, sample_posterior=False)[0],
-                batched(held_set, config.batch_size, accelerator.device),
+                batched(held_set, config.batch_size, device),
                 perceptual, config.perceptual)
         recon_model.train()
         if main_proc:
             history.append({"step": step, **metrics})
-            metrics_path.write_text(json.dumps(history, indent=2) + "\n")
+            write_json_atomic(metrics_path, history)
             save_grid(torch.cat([orig, rec]), out / "reconstructions" / f"step-{step:08d}.png",
                       nrow=orig.shape[0])
             accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
             tqdm.write(f"[step {step}] held-out " + _describe(metrics))
         return metrics
+
+    def checkpoint() -> Path:
+        return save_checkpoint(
+            accelerator, out, step,
+            {"trainer": "vae", "images_seen": images_seen, "config": to_dict(config),
+             "run": run_facts, "nonfinite": guard.state_dict()},
+            models=models, optimizers=optimizers, lineage=lineage)
 
     if step == 0 and len(held_set):
         run_eval()
@@ -149,53 +251,84 @@ def main(argv=None) -> int:
                disable=args.no_progress or not main_proc, dynamic_ncols=True)
     meter = Throughput()
     recon_model.train()
-    while step < config.max_steps:
-        epoch, offset = divmod(step, batches_per_epoch)
-        sampler.set_position(epoch, offset * config.batch_size * accelerator.num_processes)
-        for x in loader:
-            # generator (autoencoder) update
-            with accelerator.autocast():
-                x_hat, mean, logvar, vq_loss = recon_model(x)
-                loss, logs = loss_fn.generator_loss(
-                    x, x_hat, step, last_layer,
-                    posterior=None if mean is None else (mean, logvar), vq_loss=vq_loss)
-            accelerator.backward(loss)
-            if config.grad_clip > 0:
-                accelerator.clip_grad_norm_(vae.parameters(), config.grad_clip)
-            opt_g.step()
-            opt_g.zero_grad(set_to_none=True)
-
-            # discriminator update (only from disc_start on)
-            if loss_fn.disc_active(step):
+    last_saved = step if resume_from is not None else None
+    with GracefulStop(accelerator) as stop:
+        while step < config.max_steps:
+            epoch, offset = divmod(step, batches_per_epoch)
+            sampler.set_position(epoch, offset * config.batch_size * procs)
+            for x, requested, used in loader:
+                # randomness of this step (posterior samples) from (seed, step, rank) alone
+                seed_step(config.seed, step, accelerator.process_index)
+                x = x.to(device, non_blocking=True)
+                # generator (autoencoder) update, skipped if its loss is not finite
                 with accelerator.autocast():
-                    d_loss, d_logs = loss_fn.discriminator_loss(x, x_hat, step)
-                accelerator.backward(d_loss)
-                opt_d.step()
-                opt_d.zero_grad(set_to_none=True)
-                logs.update(d_logs)
+                    x_hat, mean, logvar, vq_loss = recon_model(x)
+                    loss, logs = loss_fn.generator_loss(
+                        x, x_hat, step, last_layer,
+                        posterior=None if mean is None else (mean, logvar), vq_loss=vq_loss)
+                accelerator.backward(loss)
+                grad_norm = None
+                if config.grad_clip > 0:
+                    grad_norm = accelerator.clip_grad_norm_(vae.parameters(), config.grad_clip)
+                bad = guard.flag(loss, grad_norm)
+                guard.step(opt_g, bad)
 
-            step += 1
-            images_seen += x.shape[0] * accelerator.num_processes
-            meter.add(x.shape[0] * accelerator.num_processes)
-            bar.update(1)
+                # discriminator update (only from disc_start on)
+                if loss_fn.disc_active(step):
+                    with accelerator.autocast():
+                        d_loss, d_logs = loss_fn.discriminator_loss(x, x_hat, step)
+                    accelerator.backward(d_loss)
+                    bad_d = guard.flag(d_loss)
+                    guard.step(opt_d, bad_d)
+                    logs.update(d_logs)
+                    bad = bad | bad_d
 
-            # logging, evaluation, checkpoints
-            if step % 10 == 0 or step == config.max_steps:
-                values = scalars(logs)
-                values.update({"lr": opt_g.param_groups[0]["lr"], "images_per_s": meter.rate(),
-                               "images_seen": images_seen})
-                accelerator.log(values, step=step)
-                if main_proc:
-                    append_jsonl(out / "log.jsonl", {"step": step, **values})
-                bar.set_postfix(loss=f"{values['loss/total']:.4g}",
-                                l1=f"{values['loss/l1']:.3f}",
-                                img_s=f"{values['images_per_s']:.1f}")
-            if len(held_set) and (step % config.eval_every == 0 or step == config.max_steps):
-                run_eval()
-            if step % config.checkpoint_every == 0 or step == config.max_steps:
-                save_checkpoint(accelerator, out, step, {"step": step, "images_seen": images_seen})
-            if step >= config.max_steps:
-                break
+                step += 1
+                guard.record(bad, step)
+                images_seen += x.shape[0] * procs
+                meter.add(x.shape[0] * procs)
+                bar.update(1)
+                if (requested != used).any():
+                    note_load_failures(_stand_ins(requested, used, train_set.plain,
+                                                  config.resolution, report))
+
+                # logging, non-finite check, evaluation, checkpoints, preemption
+                is_last = step == config.max_steps
+                is_log = step % args.log_every == 0 or is_last
+                is_ckpt = step % config.checkpoint_every == 0 or is_last
+                if is_log:
+                    values = scalars(logs)
+                    values.update({"lr": opt_g.param_groups[0]["lr"],
+                                   "images_per_s": meter.rate(), "images_seen": images_seen})
+                    accelerator.log(values, step=step)
+                    bar.set_postfix(loss=f"{values['loss/total']:.4g}",
+                                    l1=f"{values['loss/l1']:.3f}",
+                                    img_s=f"{values['images_per_s']:.1f}")
+                if (is_log or is_ckpt or not guard.deferred) and guard.poll(step):
+                    if main_proc:
+                        print(guard.stop_message(step, latest_checkpoint(out)), file=sys.stderr)
+                    accelerator.end_training()
+                    return EXIT_NONFINITE
+                if is_log:
+                    note_load_failures()
+                    if main_proc:
+                        record = {k: finite_or_none(v) for k, v in values.items()}
+                        append_jsonl(out / "log.jsonl", {"step": step, **record,
+                                                         "nonfinite_skipped": guard.total})
+                if len(held_set) and (step % config.eval_every == 0 or is_last):
+                    run_eval()
+                if is_ckpt:
+                    checkpoint()
+                    last_saved = step
+                if stop.should_stop(step):
+                    path = checkpoint() if last_saved != step else latest_checkpoint(out)
+                    bar.close()
+                    if main_proc:
+                        print(preempted_message(stop, step, path), file=sys.stderr)
+                    accelerator.end_training()
+                    return EXIT_PREEMPTED
+                if step >= config.max_steps:
+                    break
     bar.close()
 
     # -- export: measure the latent scale on training images, save in diffusers format --------
@@ -203,15 +336,21 @@ def main(argv=None) -> int:
         unwrapped = accelerator.unwrap_model(recon_model).vae.eval()
         n = min(config.scale_images, len(train_items))
         plain = ImageDataset(train_items, config.resolution, flip="none", image_key=image_key)
-        batches = batched(plain, 32, accelerator.device, limit=n)
+        batches = batched(plain, 32, device, limit=n)
         generator = torch.Generator().manual_seed(config.seed)
         scale = measure_scaling_factor(unwrapped, batches, generator)
+        # The UNet's stage reads this to split the data the same way (small_images included:
+        # it decides which files exist for the split).
         split = {"holdout": config.holdout, "split_seed": config.seed,
-                 "resolution": config.resolution, "data": args.data}
+                 "resolution": config.resolution, "data": args.data,
+                 "small_images": args.small_images}
         export_vae(unwrapped, out / "vae", scale, split)
         final = history[-1] if history else {}
         print(f"exported {out / 'vae'} (scaling_factor {scale:.5f}, measured on {n} images); "
               f"held-out: " + _describe(final))
+        note_load_failures()  # measuring the scale decoded training images once more
+        if report.exit_code():
+            print(f"data: {report.summary()}; see {report_path}")
     accelerator.end_training()
     return 0
 

@@ -6,12 +6,23 @@ palette images converted); center-cropped to a square; resized to the target siz
 antialiasing filter (Lanczos); optionally flipped horizontally; scaled to [-1, 1].
 
 FFHQ's ``thumbnails128x128`` (or ``images1024x1024``) folder works as-is.
+
+Hostile data (see ``scan.py`` for the up-front check): a folder is scanned once when it is
+opened and files training cannot use are left out, with the reason, before the split is made,
+so every stage splits the same usable files. A file that still fails to decode at load time
+(corrupt pixel data behind a valid header, a file changed since the scan, a bad row of a
+HuggingFace dataset) does not stop training: ``ImageDataset`` substitutes the next index that
+decodes (deterministic, so an exact resume stays exact), warns, and records it
+(``load_failures()``; trainers write it to ``skipped_files.json``). Images larger than PIL's
+decompression-bomb limit are never decoded.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
+import sys
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -19,6 +30,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
+
+from .scan import SMALL_IMAGE_POLICIES
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 BACKGROUND = (255, 255, 255)  # where transparent pixels end up
@@ -35,9 +48,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """8-bit RGB from any PIL mode, with alpha composited on ``BACKGROUND``."""
     image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16-bit (or 32-bit int) grayscale: scale to 8 bits instead of clipping at 255.
+        # 16-bit (or 32-bit int) grayscale: scale to 8 bits instead of clipping at 255. The
+        # I;16 modes are 16-bit whatever their values (a dark image must stay dark); plain "I"
+        # says nothing about the range, so values above 255 decide.
         array = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if array.max() > 255 else 255.0
+        top = 65535.0 if image.mode != "I" or array.max() > 255 else 255.0
         image = Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
@@ -59,12 +74,30 @@ def center_crop_resize(image: Image.Image, size: int) -> Image.Image:
     return image
 
 
+def open_image(path) -> Image.Image:
+    """``Image.open`` that refuses decompression bombs instead of warning about them.
+
+    PIL only warns between ``MAX_IMAGE_PIXELS`` and twice that (and raises above); a warning
+    would let a 170-megapixel image be decoded in a data loader worker, so both are errors.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        return Image.open(path)
+
+
+def check_pixels(image: Image.Image) -> None:
+    """The same limit for an image that was opened elsewhere (a HuggingFace dataset row)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and image.width * image.height > limit:
+        raise Image.DecompressionBombError(
+            f"{image.width}x{image.height} pixels is over the decompression-bomb limit of "
+            f"{limit} pixels")
+
+
 def load_image(source, size: int) -> Image.Image:
     """Open a path (or take a PIL image) and return it as a ``size`` x ``size`` RGB image."""
-    if isinstance(source, Image.Image):
-        image = source
-    else:
-        image = Image.open(source)
+    image = source if isinstance(source, Image.Image) else open_image(source)
+    check_pixels(image)
     image.load()
     return center_crop_resize(to_rgb(image), size)
 
@@ -110,31 +143,73 @@ def split_holdout(items: Sequence, holdout: int, seed: int = 0) -> tuple[list, l
     return [items[i] for i in sorted(order[:cut])], [items[i] for i in sorted(order[cut:])]
 
 
+# Files that failed to decode at load time in this process: {name: reason}. DataLoader workers
+# are other processes; they print a warning, and the VAE trainer learns of their substitutions
+# from the batches themselves (``ImageDataset.get`` returns the index it used).
+_LOAD_FAILURES: dict[str, str] = {}
+
+
+def load_failures() -> dict[str, str]:
+    """Load-time failures seen by this process so far (file or row -> reason)."""
+    return dict(_LOAD_FAILURES)
+
+
+def describe_error(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text if isinstance(exc, (OSError, ValueError)) else f"{type(exc).__name__}: {text}"
+
+
 class ImageDataset(Dataset):
     """Images from a list of files or a HF dataset, preprocessed as described above.
 
     ``flip``: "random" (training), "none", or "always" (the flipped half of a latent cache).
+    An image that fails to decode is replaced by the next one that does (see the module notes).
     """
 
     def __init__(self, items: Sequence, size: int, flip: str = "random", image_key: str | None = None):
         if flip not in ("random", "none", "always"):
             raise ValueError(f"flip must be random, none or always, not {flip!r}")
         self.items, self.size, self.flip, self.image_key = items, size, flip, image_key
+        self._bad: set[int] = set()  # indices known not to decode (per process)
 
     def __len__(self) -> int:
         return len(self.items)
 
+    def name(self, index: int) -> str:
+        item = self.items[index]
+        return str(item) if self.image_key is None else f"row {index}"
+
     def _image(self, index: int) -> Image.Image:
         item = self.items[index]
-        if self.image_key is not None:  # a row of a datasets.Dataset
+        if self.image_key is not None:  # a row of a datasets.Dataset (decoding happens here)
             item = item[self.image_key]
         return load_image(item, self.size)
 
+    def get(self, index: int) -> tuple[torch.Tensor, int]:
+        """(image ``index``, or the next one that decodes; the index actually used)."""
+        n = len(self.items)
+        for k in range(n):
+            j = (index + k) % n
+            if j in self._bad:
+                continue
+            try:
+                image = self._image(j)
+            except Exception as exc:  # any decoder error; KeyboardInterrupt is not an Exception
+                self._bad.add(j)
+                reason = describe_error(exc)
+                if self.name(j) not in _LOAD_FAILURES:  # once per file and process
+                    print(f"warning: skipping {self.name(j)}: {reason}; using the next image",
+                          file=sys.stderr, flush=True)
+                _LOAD_FAILURES[self.name(j)] = reason
+                continue
+            x = to_tensor(image)
+            if self.flip == "always" or (self.flip == "random" and torch.rand(()) < 0.5):
+                x = x.flip(-1)
+            return x, j
+        raise DataError(f"none of the {n} images could be decoded (see the warnings above)")
+
     def __getitem__(self, index: int) -> torch.Tensor:
-        x = to_tensor(self._image(index))
-        if self.flip == "always" or (self.flip == "random" and torch.rand(()) < 0.5):
-            x = x.flip(-1)
-        return x
+        return self.get(index)[0]
 
 
 def _hf_dataset(spec: str):
@@ -153,16 +228,37 @@ def _hf_dataset(spec: str):
     return ds, image_keys[0]
 
 
-def open_dataset(data: str, size: int, holdout: int, seed: int = 0):
-    """(train items, held-out items, image_key) for a folder path or an ``hf:`` spec."""
+def open_dataset_checked(data: str, size: int, holdout: int, seed: int = 0,
+                         small_images: str = "upscale", progress: bool = False):
+    """(train items, held-out items, image_key, scan report or None).
+
+    A folder is scanned first (``scan.scan_folder``: header checks, 0.07 ms a 128 px PNG) and
+    split after the unusable files are left out, so all stages agree on the split. A
+    HuggingFace dataset is not scanned (decoding every row would cost a full pass); its bad
+    rows are substituted at load time.
+    """
+    if small_images not in SMALL_IMAGE_POLICIES:
+        raise DataError(f"small_images must be one of {SMALL_IMAGE_POLICIES}, not {small_images!r}")
     if str(data).startswith("hf:"):
         ds, key = _hf_dataset(str(data))
         if len(ds) == 0:
             raise DataError(f"dataset {data} is empty")
         train_idx, held_idx = split_holdout(list(range(len(ds))), holdout, seed)
-        return ds.select(train_idx), ds.select(held_idx), key
-    train, held = split_holdout(list_images(data), holdout, seed)
-    return train, held, None
+        return ds.select(train_idx), ds.select(held_idx), key, None
+    from .scan import scan_folder
+
+    report = scan_folder(data, size, small_images, progress=progress)
+    if not report.usable:
+        raise DataError(f"no usable images under {data}: {report.problem_counts()}; "
+                        f"`ffhq-ldm scan-data --data {data}` lists each file and its problem")
+    train, held = split_holdout(report.usable, holdout, seed)
+    return train, held, None, report
+
+
+def open_dataset(data: str, size: int, holdout: int, seed: int = 0,
+                 small_images: str = "upscale"):
+    """(train items, held-out items, image_key) for a folder path or an ``hf:`` spec."""
+    return open_dataset_checked(data, size, holdout, seed, small_images)[:3]
 
 
 def items_digest(items: Sequence) -> str:

@@ -98,7 +98,7 @@ def split_for_vae(vae_dir, vae, data: str):
     split = read_split(vae_dir) or {"holdout": 0, "split_seed": 0,
                                     "resolution": vae.config.sample_size}
     train, held, key = open_dataset(data, split["resolution"], split["holdout"],
-                                    split["split_seed"])
+                                    split["split_seed"], split.get("small_images", "upscale"))
     return train, held, key, split["resolution"]
 
 
