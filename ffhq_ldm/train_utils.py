@@ -809,6 +809,13 @@ def read_json_or(path: Path, default):
         return default
 
 
+def device_memory(device) -> dict:
+    """Peak accelerator memory in GB for the logs (empty on a CPU, where torch does not track it)."""
+    if torch.device(device).type == "cuda":
+        return {"gpu_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9}
+    return {}
+
+
 def append_jsonl(path: Path, record: dict) -> None:
     """One JSON line per log event: the machine-readable twin of the TensorBoard scalars."""
     with open(path, "a") as fh:

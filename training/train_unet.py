@@ -28,6 +28,7 @@ import contextlib
 import copy
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -50,7 +51,7 @@ from ffhq_ldm.train_utils import (EMA, EXIT_NONFINITE, EXIT_PREEMPTED, GracefulS
                                   load_checkpoint, preempted_message, read_trainer_state,
                                   resolve_resume, save_checkpoint, scalars, seed_step,
                                   truncate_jsonl, warmup_lambda)
-from ffhq_ldm.train_utils import check_process_group
+from ffhq_ldm.train_utils import check_process_group, device_memory
 from ffhq_ldm.visual import save_grid
 from pipelines.pipeline_face_ldm import FaceLDMPipeline
 
@@ -83,6 +84,7 @@ def make_pipeline(vae, unet, config: UNetConfig) -> FaceLDMPipeline:
 
 
 def main(argv=None) -> int:
+    started = time.perf_counter()
     args = parse_args(argv)
     config = config_from_args(UNetConfig, args.preset, args, "unet")
     out = Path(args.output_dir)
@@ -276,7 +278,8 @@ def main(argv=None) -> int:
                 mean_loss = total / count if count else float("nan")
                 values = {"loss": mean_loss, "lr": lr_sched.get_last_lr()[0],
                           "images_per_s": meter.rate(), "images_seen": images_seen,
-                          "ema_decay": ema.current_decay(), **scalars(logs)}
+                          "ema_decay": ema.current_decay(), **scalars(logs),
+                          **device_memory(device)}
                 if grad_norm is not None:
                     values["grad_norm"] = float(grad_norm)
                 accelerator.log(values, step=step)
@@ -305,8 +308,9 @@ def main(argv=None) -> int:
     if main_proc and exported != step:  # resumed at the end (stopped at its last step)
         export(step)
     if main_proc:
-        print(f"done: {step} steps, {images_seen} images seen; pipeline: {out / 'pipeline'}; "
-              f"previews: {out / 'previews'}")
+        minutes = (time.perf_counter() - started) / 60
+        print(f"done: {step} steps, {images_seen} images seen, {minutes:.1f} min in this run; "
+              f"pipeline: {out / 'pipeline'}; previews: {out / 'previews'}")
         if guard.total:
             print(f"{guard.total} update(s) were skipped for a non-finite loss (see log.jsonl)")
     accelerator.end_training()

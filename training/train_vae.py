@@ -48,7 +48,7 @@ from ffhq_ldm.train_utils import (EXIT_NONFINITE, EXIT_PREEMPTED, EpochSampler, 
                                   read_json_or, read_trainer_state, resolve_resume,
                                   save_checkpoint, scalars, seed_step, truncate_jsonl,
                                   write_json_atomic)
-from ffhq_ldm.train_utils import check_process_group
+from ffhq_ldm.train_utils import check_process_group, device_memory
 from ffhq_ldm.visual import save_grid
 
 
@@ -299,7 +299,8 @@ def main(argv=None) -> int:
                 if is_log:
                     values = scalars(logs)
                     values.update({"lr": opt_g.param_groups[0]["lr"],
-                                   "images_per_s": meter.rate(), "images_seen": images_seen})
+                                   "images_per_s": meter.rate(), "images_seen": images_seen,
+                                   **device_memory(accelerator.device)})
                     accelerator.log(values, step=step)
                     bar.set_postfix(loss=f"{values['loss/total']:.4g}",
                                     l1=f"{values['loss/l1']:.3f}",
