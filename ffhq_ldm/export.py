@@ -15,8 +15,37 @@ from pathlib import Path
 SPLIT_FILE = "training_data.json"  # inside an exported vae/: how the data was split
 
 
+def _fsync_tree(path: Path) -> None:
+    """Flush every file under ``path`` and the directories themselves to disk."""
+    for item in [*sorted(path.rglob("*"), reverse=True), path]:
+        fd = os.open(item, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def recover_dir(final: Path) -> bool:
+    """Undo the one state a killed ``replace_dir`` can leave: ``final`` moved aside to
+    ``final.old`` and the new one not yet in place. Puts ``final.old`` back; True if it did."""
+    final = Path(final)
+    old = final.with_name(final.name + ".old")
+    if final.exists() or not old.is_dir():
+        return False
+    os.replace(old, final)
+    return True
+
+
 def replace_dir(tmp: Path, final: Path) -> None:
-    """Move ``tmp`` to ``final``, replacing any previous ``final`` with no moment of neither."""
+    """Move the complete folder ``tmp`` to ``final``, replacing any previous ``final``.
+
+    Two renames: the old ``final`` aside to ``final.old``, then ``tmp`` in. A process killed
+    between them leaves ``final.old`` alone; ``recover_dir`` (run here, by the trainers when
+    they start and by the loaders) puts it back. ``tmp`` is flushed to disk first, so a power
+    cut cannot leave a renamed folder of empty files.
+    """
+    recover_dir(final)
+    _fsync_tree(tmp)
     old = final.with_name(final.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():

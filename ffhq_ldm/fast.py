@@ -24,6 +24,13 @@ import torch
 # "0" turns compilation off wherever ``maybe_compile`` decides by itself (enabled=None),
 # "1" turns it on even off CUDA: an opt-out for the trainers without a new command-line flag.
 COMPILE_ENV = "FFHQ_LDM_COMPILE"
+# The same for channels_last weights in the trainers (``channels_last_wanted``).
+CHANNELS_LAST_ENV = "FFHQ_LDM_CHANNELS_LAST"
+
+
+def _env_switch(name: str) -> bool | None:
+    value = os.environ.get(name, "").strip()
+    return value == "1" if value in ("0", "1") else None
 
 
 def enable_tf32() -> None:
@@ -46,16 +53,28 @@ def enable_cudnn_autotune() -> None:
     torch.backends.cudnn.benchmark = True
 
 
-def to_channels_last(module: torch.nn.Module) -> torch.nn.Module:
+def channels_last_wanted(device) -> bool:
+    """Whether the trainers store their models channels_last: $FFHQ_LDM_CHANNELS_LAST, else CUDA.
+
+    On CUDA it is what tensor-core convolutions run in (DESIGN.md section 5). On a CPU its effect
+    depends on oneDNN's kernels for each shape, so it stays off there unless asked for (the tests
+    ask, to run the same layout code the GPU runs).
+    """
+    env = _env_switch(CHANNELS_LAST_ENV)
+    return env if env is not None else torch.device(device).type == "cuda"
+
+
+def to_channels_last(module: torch.nn.Module, enabled: bool = True) -> torch.nn.Module:
     """Store the module's 4-D weights NHWC, the layout tensor-core convolutions run in.
 
     Without it cuDNN transposes activations around every convolution. Only the layout of 4-D
     tensors changes: state_dict keys and values stay the same, but those tensors are no longer
     contiguous, so safetensors' ``save_file`` needs ``.contiguous()`` on them (``save_model``,
     diffusers' ``save_pretrained`` and ``train_utils`` take care of it), and a loaded
-    optimizer state needs ``match_state_layout``. Returns ``module``.
+    optimizer state needs ``match_state_layout``. Returns ``module`` (unchanged if not
+    ``enabled``).
     """
-    return module.to(memory_format=torch.channels_last)
+    return module.to(memory_format=torch.channels_last) if enabled else module
 
 
 def match_state_layout(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -110,9 +129,9 @@ def compile_wanted(module: torch.nn.Module, enabled: bool | None) -> bool:
     """
     if enabled is not None:
         return bool(enabled)
-    env = os.environ.get(COMPILE_ENV, "").strip()
-    if env in ("0", "1"):
-        return env == "1"
+    env = _env_switch(COMPILE_ENV)
+    if env is not None:
+        return env
     param = next(module.parameters(), None)
     return param is not None and param.device.type == "cuda"
 

@@ -41,6 +41,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from .cli_common import UsageError
+from .fast import match_state_layout
 
 CHECKPOINT_PREFIX = "step-"
 CHECKPOINT_FORMAT = 2  # 1 was accelerate's save_state folder (pickled optimizer/scheduler/RNG)
@@ -261,6 +262,8 @@ def load_optimizer(optimizer, path: Path) -> None:
         index, key = name.split("/", 1)
         state.setdefault(int(index), {})[key] = value
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+    # saved contiguous; a channels_last weight's moments must get its layout back (fused AdamW)
+    match_state_layout(optimizer)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,7 +305,15 @@ def checkpoint_lineage(output_dir: Path, resumed_from: Path | None, step: int) -
 
 
 def clean_stale(output_dir: Path) -> list[Path]:
-    """Remove what a crash left behind: hidden ``.tmp-*`` / ``.del-*`` folders. Returns them."""
+    """Remove what a crash left behind: hidden ``.tmp-*`` / ``.del-*`` folders. Returns them.
+
+    Also puts back an exported ``vae/`` or ``pipeline/`` that a crash left as ``*.old``
+    (``export.recover_dir``).
+    """
+    from .export import recover_dir
+
+    for name in ("vae", "pipeline"):
+        recover_dir(Path(output_dir) / name)
     root = checkpoint_dir(output_dir)
     stale = [p for p in root.iterdir() if p.name.startswith(".")] if root.is_dir() else []
     for path in stale:
@@ -616,6 +627,20 @@ class GracefulStop:
 def preempted_message(stop: GracefulStop, step: int, checkpoint: Path) -> str:
     return (f"stopped by {stop.signal_name} at step {step}; checkpoint {checkpoint}. "
             f"Rerun the same command to continue from it (exit code {EXIT_PREEMPTED}).")
+
+
+def exit_preempted(accelerator, stop: GracefulStop, output_dir: Path, step: int,
+                   saved_at: int | None, checkpoint, bar=None) -> int:
+    """A trainer's way out after a stop signal: a checkpoint of ``step`` (``checkpoint()``, on
+    every process; skipped when ``saved_at`` is this step), the one-line message on how to
+    continue, and ``EXIT_PREEMPTED`` for ``main`` to return."""
+    path = checkpoint() if saved_at != step else latest_checkpoint(output_dir)
+    if bar is not None:
+        bar.close()
+    if accelerator.is_main_process:
+        print(preempted_message(stop, step, path), file=sys.stderr)
+    accelerator.end_training()
+    return EXIT_PREEMPTED
 
 
 def ignore_stop_signals(worker_id: int) -> None:

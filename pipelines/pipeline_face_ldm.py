@@ -158,13 +158,18 @@ class FaceLDMPipeline(DiffusionPipeline):
         else:
             latents = latents.to(device=device, dtype=unet_dtype)
 
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        # The schedule stays on the host: the schedulers index their tables with the timestep
+        # and branch on it, which on a GPU would wait for the device twice a step. The UNet gets
+        # the same timesteps from one copy made here, so the host only queues kernels.
+        self.scheduler.set_timesteps(num_inference_steps)
+        timesteps = self.scheduler.timesteps
+        unet_timesteps = timesteps.to(device)
         latents = latents * self.scheduler.init_noise_sigma
         step_kwargs = self._extra_step_kwargs(generator, eta)
 
-        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+        for i, t in enumerate(self.progress_bar(timesteps)):
             model_input = self.scheduler.scale_model_input(latents, t)
-            model_output = self.unet(model_input, t).sample
+            model_output = self.unet(model_input, unet_timesteps[i]).sample
             latents = self.scheduler.step(model_output, t, latents, **step_kwargs).prev_sample
             latents = latents.to(unet_dtype)  # some schedulers compute in fp32
             if callback_on_step_end is not None:

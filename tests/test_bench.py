@@ -346,3 +346,36 @@ def test_bench_is_a_subcommand_when_registered():
     assert args.batch_size == [64, 256] and args.preset == "ffhq128-f4"
     with pytest.raises(SystemExit):
         parser.parse_args(["bench", "--only", "train"])
+
+
+@pytest.mark.slow
+def test_the_compiled_unet_trainer_matches_the_eager_one_without_recompiling(
+        faces32, tmp_path, monkeypatch):
+    """train_unet.py with its CUDA default forced on (torch.compile with inductor, 1.5 min of
+    compiling on a CPU): the same losses as eager, and one graph for the whole run."""
+    import torch._dynamo
+
+    from conftest import load_script
+    from ffhq_ldm.export import export_vae
+    from ffhq_ldm.models.vae import build_vae
+
+    torch.manual_seed(0)
+    export_vae(build_vae(get_preset("tiny", "vae")), tmp_path / "vae", 1.0,
+               {"holdout": 8, "split_seed": 0, "resolution": 32})
+    losses = {}
+    for mode in ("0", "1"):
+        monkeypatch.setenv("FFHQ_LDM_COMPILE", mode)
+        out = tmp_path / f"compile-{mode}"
+        torch._dynamo.reset()
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            assert load_script("train_unet").main(
+                ["--preset", "tiny", "--no-progress", "--log-with", "none", "--data",
+                 str(faces32), "--vae", str(tmp_path / "vae"), "--output-dir", str(out),
+                 "--latent-cache", str(tmp_path / "cache"), "--log-every", "1",
+                 "--max-steps", "12"]) == 0
+        speed = json.loads((out / "config.json").read_text())["run"]["speed"]
+        assert speed["compiled"] is (mode == "1")
+        losses[mode] = [json.loads(line)["loss"] for line in (out / "log.jsonl").open()]
+    assert len(losses["1"]) == 12
+    assert losses["1"] == pytest.approx(losses["0"], rel=1e-4)
+    assert losses["1"][-1] < losses["1"][0]  # and it trained

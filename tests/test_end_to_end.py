@@ -18,7 +18,9 @@ def trained(faces32, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     t0 = time.perf_counter()
     common = ["--preset", "tiny", "--data", str(faces32), "--no-progress", "--log-with", "none"]
-    assert load_script("train_vae").main(common + ["--output-dir", str(out / "vae_run")]) == 0
+    # rFID off: tests/test_rfid.py runs the trainer's default, this keeps the suite's time
+    assert load_script("train_vae").main(common + ["--output-dir", str(out / "vae_run"),
+                                                   "--no-rfid"]) == 0
     assert load_script("train_unet").main(common + ["--vae", str(out / "vae_run" / "vae"),
                                                     "--output-dir", str(out / "unet_run")]) == 0
     return out, time.perf_counter() - t0
@@ -89,3 +91,39 @@ def test_bad_input_exits_2_with_a_message(faces32, tmp_path, capsys):
         assert message in err and "Traceback" not in err
     assert cli_main(["sample", "--model", str(tmp_path), "--out", str(tmp_path / "s")]) == 2
     assert "not an exported pipeline" in capsys.readouterr().err
+
+
+def test_compiled_sampling_keeps_one_batch_shape_and_the_same_images(trained, tmp_path,
+                                                                     monkeypatch):
+    """The CUDA default forced on (dynamo with its eager backend, so it runs in a second here):
+    a short last batch is padded to --batch-size, so the static graph never recompiles, and
+    the padding's images are dropped; the images are the uncompiled ones."""
+    import torch._dynamo
+
+    from ffhq_ldm import fast
+
+    calls = []
+    real = fast.maybe_compile
+
+    def eager_backend(module, enabled=None, mode=None, **kwargs):
+        calls.append(enabled)
+        return real(module, enabled=enabled, mode=mode, **{**kwargs, "backend": "eager"})
+
+    monkeypatch.setattr(fast, "maybe_compile", eager_backend)
+    monkeypatch.setenv("FFHQ_LDM_COMPILE", "1")
+    pipeline = str(out_dir := trained[0] / "unet_run" / "pipeline")
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        assert cli_main(["sample", "--model", pipeline, "--num", "5", "--steps", "3",
+                         "--batch-size", "2", "--out", str(tmp_path / "c"),
+                         "--no-progress"]) == 0
+    assert calls == [True] and out_dir.is_dir()
+    monkeypatch.setenv("FFHQ_LDM_COMPILE", "0")
+    assert cli_main(["sample", "--model", pipeline, "--num", "5", "--steps", "3",
+                     "--batch-size", "5", "--out", str(tmp_path / "e"), "--no-progress"]) == 0
+    compiled = sorted(p.name for p in (tmp_path / "c").iterdir())
+    assert compiled == sorted(p.name for p in (tmp_path / "e").iterdir()) and len(compiled) == 5
+    for name in compiled:
+        a = np.asarray(Image.open(tmp_path / "c" / name), dtype=int)
+        b = np.asarray(Image.open(tmp_path / "e" / name), dtype=int)
+        assert np.abs(a - b).max() <= 1, name

@@ -152,7 +152,7 @@ def test_vae_sigterm_mid_epoch_then_rerun_is_bitwise_equal_to_an_uninterrupted_r
     def args(out):
         return [*COMMON, "--data", str(faces32), "--output-dir", str(out), "--log-every", "1",
                 "--holdout", "28", "--max-steps", str(VAE_STEPS), "--eval-every", str(VAE_STEPS),
-                "--checkpoint-every", "4", "--scale-images", "16"]
+                "--checkpoint-every", "4", "--scale-images", "16", "--no-rfid"]
 
     reference, out = tmp_path / "reference", tmp_path / "run"
     assert load_script("train_vae").main(args(reference)) == 0
@@ -327,7 +327,7 @@ def test_vae_skips_a_nan_step_too(faces32, tmp_path, capsys):
     try:
         code = module.main([*COMMON, "--data", str(faces32), "--output-dir", str(tmp_path),
                             "--log-every", "1", "--max-steps", "4", "--eval-every", "4",
-                            "--checkpoint-every", "4"])
+                            "--checkpoint-every", "4", "--no-rfid"])
     finally:
         module.AutoencoderLoss.generator_loss = real
     assert code == 0
@@ -500,3 +500,99 @@ def test_a_crafted_pickle_as_model_weights_is_refused_and_never_runs(unet_refere
     with pytest.raises(UsageError, match="pickled weights are refused"):
         load_pipeline(str(pipe))
     assert not marker.exists()
+
+
+def test_channels_last_unet_resumes_exactly(unet_reference, faces32, tiny_vae, tmp_path,
+                                            monkeypatch):
+    """The CUDA layout, forced on this CPU: NHWC weights and their AdamW moments survive a
+    checkpoint (saved contiguous, their layout restored on load; fused AdamW walks flat memory,
+    so a moment left in the other layout would pair with the wrong weight)."""
+    _, cache = unet_reference
+    monkeypatch.setenv("FFHQ_LDM_CHANNELS_LAST", "1")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train = load_script("train_unet").main
+    assert train(unet_args(faces32, tiny_vae, straight, cache)) == 0
+    config = json.loads((straight / "config.json").read_text())
+    assert config["run"]["speed"]["channels_last"] is True
+    assert train(unet_args(faces32, tiny_vae, resumed, cache, "--max-steps", UNET_EVERY)) == 0
+    assert train(unet_args(faces32, tiny_vae, resumed, cache)) == 0
+    assert_unet_runs_equal(straight, resumed)
+
+
+def test_channels_last_autoencoder_trains_exports_and_resumes_exactly(faces32, tmp_path,
+                                                                      monkeypatch):
+    """The same for the autoencoder, its discriminator and their two fused Adams."""
+    monkeypatch.setenv("FFHQ_LDM_CHANNELS_LAST", "1")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    args = [*COMMON, "--data", str(faces32), "--holdout", "28", "--max-steps", "4",
+            "--checkpoint-every", "2", "--eval-every", "4", "--disc-start", "1", "--no-rfid"]
+    train = load_script("train_vae").main
+    assert train([*args, "--output-dir", str(straight)]) == 0
+    assert json.loads((straight / "config.json").read_text())["run"]["speed"]["channels_last"]
+    assert train([*args, "--output-dir", str(resumed), "--max-steps", "2"]) == 0
+    assert train([*args, "--output-dir", str(resumed)]) == 0
+    for name in ("vae", "discriminator", "optimizer-vae", "optimizer-discriminator"):
+        assert_same_tensors(checkpoint(straight, 4) / f"{name}.safetensors",
+                            checkpoint(resumed, 4) / f"{name}.safetensors")
+    assert (resumed / "vae" / "config.json").is_file()
+
+
+def test_an_export_killed_between_its_two_renames_is_put_back(tmp_path, monkeypatch):
+    """replace_dir moves the old folder aside, then the new one in: a kill in between leaves
+    only vae.old. The loaders and the trainers' start-up put it back; the next export works."""
+    from ffhq_ldm import export
+    from ffhq_ldm.config import get_preset
+    from ffhq_ldm.models.vae import build_vae, load_vae
+
+    split = {"holdout": 8, "split_seed": 0, "resolution": 32}
+    torch.manual_seed(0)
+    first = build_vae(get_preset("tiny", "vae"))
+    out = tmp_path / "run" / "vae"
+    export.export_vae(first, out, 1.0, split)
+
+    real_replace, calls = os.replace, []
+
+    def killed_at_the_second_rename(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # stands in for SIGKILL: nothing after this line runs
+        real_replace(src, dst)
+
+    monkeypatch.setattr(export.os, "replace", killed_at_the_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        export.export_vae(build_vae(get_preset("tiny", "vae")), out, 2.0, split)
+    monkeypatch.setattr(export.os, "replace", real_replace)
+    assert not out.exists() and (tmp_path / "run" / "vae.old").is_dir()
+
+    loaded = load_vae(out)  # puts vae.old back and loads it: the first export, complete
+    assert out.is_dir() and not (tmp_path / "run" / "vae.old").exists()
+    assert loaded.config.scaling_factor == 1.0
+    for (name, a), (_, b) in zip(first.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    export.export_vae(build_vae(get_preset("tiny", "vae")), out, 2.0, split)
+    assert load_vae(out).config.scaling_factor == 2.0
+    assert sorted(p.name for p in out.parent.iterdir()) == ["vae"]
+
+    # the same state for a pipeline folder, put back by a trainer's start-up cleaning
+    (tmp_path / "run" / "pipeline.old").mkdir()
+    (tmp_path / "run" / "pipeline.old" / "model_index.json").write_text("{}")
+    train_utils.clean_stale(tmp_path / "run")
+    assert (tmp_path / "run" / "pipeline" / "model_index.json").is_file()
+
+
+def test_a_vae_stopped_then_rerun_to_the_step_it_stopped_at_still_evaluates_and_exports(
+        faces32, tmp_path, monkeypatch):
+    """Stopped by a signal at step 2, then rerun with --max-steps 2 (what a time-boxed run
+    does): no step is left to train, but the final evaluation and the export are still due."""
+    out = tmp_path / "run"
+    args = [*COMMON, "--data", str(faces32), "--output-dir", str(out), "--holdout", "28",
+            "--eval-every", "100", "--checkpoint-every", "100", "--scale-images", "16",
+            "--no-rfid"]
+    monkeypatch.setenv(TEST_SIGNAL_ENV, "2")
+    assert load_script("train_vae").main([*args, "--max-steps", "6"]) == EXIT_PREEMPTED
+    monkeypatch.delenv(TEST_SIGNAL_ENV)
+    assert [h["step"] for h in json.loads((out / "metrics.json").read_text())] == [0]
+    assert load_script("train_vae").main([*args, "--max-steps", "2"]) == 0
+    assert [h["step"] for h in json.loads((out / "metrics.json").read_text())] == [0, 2]
+    assert (out / "vae" / "config.json").is_file()
+    assert (out / "reconstructions" / "step-00000002.png").is_file()

@@ -14,7 +14,7 @@ def vae_run(faces32, tmp_path_factory):
     out = tmp_path_factory.mktemp("vae_run")
     code = load_script("train_vae").main(COMMON + [
         "--data", str(faces32), "--output-dir", str(out), "--max-steps", "40",
-        "--eval-every", "40", "--checkpoint-every", "40"])
+        "--eval-every", "40", "--checkpoint-every", "40", "--no-rfid"])
     assert code == 0
     return out
 
@@ -69,7 +69,7 @@ def test_vq_autoencoder_trains_and_exports_a_measured_scale(faces32, tmp_path):
 
     code = load_script("train_vae").main(COMMON + [
         "--data", str(faces32), "--output-dir", str(tmp_path), "--autoencoder", "vq",
-        "--max-steps", "4", "--eval-every", "4", "--checkpoint-every", "4"])
+        "--max-steps", "4", "--eval-every", "4", "--checkpoint-every", "4", "--no-rfid"])
     assert code == 0
     config = json.loads((tmp_path / "vae" / "config.json").read_text())
     assert config["_class_name"] == "VQModel" and config["scaling_factor"] != 0.18215

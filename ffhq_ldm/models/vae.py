@@ -96,7 +96,10 @@ def fingerprint(vae) -> str:
 
 def load_vae(path, allow_pickle: bool = False):
     """Load an exported autoencoder folder, with clear errors for anything else."""
+    from ..export import recover_dir
+
     path = Path(path)
+    recover_dir(path)  # an export killed between its two renames left only path.old
     config_path = path / "config.json"
     if not path.is_dir() or not config_path.is_file():
         raise VAELoadError(f"{path} is not an exported autoencoder (no config.json); pass the "
