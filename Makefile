@@ -7,7 +7,7 @@ DEMO   ?= runs/demo
 # The accelerate config: the GPU one when CUDA is there, the CPU one otherwise.
 ACCEL  = $(shell $(BIN)/python -c "import torch; print('accelerate_config.yaml' if torch.cuda.is_available() else 'configs/accelerate/cpu.yaml')" 2>/dev/null)
 
-.PHONY: install demo test test-slow clean
+.PHONY: install demo test test-slow gpu-wheels clean
 
 install: $(VENV)/.installed
 
@@ -37,6 +37,14 @@ test: install
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow
+
+# Wheels a lent GPU machine lacks (no network there), for scripts/gpu_check.sh: the same
+# diffusers as here, for its Python 3.12.
+gpu-wheels: install
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux2014_x86_64 -d .whl \
+		diffusers==$$($(BIN)/python -c "import diffusers; print(diffusers.__version__)") \
+		importlib_metadata
 
 clean:
 	rm -rf $(VENV) runs
