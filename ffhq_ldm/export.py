@@ -15,14 +15,21 @@ from pathlib import Path
 SPLIT_FILE = "training_data.json"  # inside an exported vae/: how the data was split
 
 
-def _fsync_tree(path: Path) -> None:
-    """Flush every file under ``path`` and the directories themselves to disk."""
-    for item in [*sorted(path.rglob("*"), reverse=True), path]:
-        fd = os.open(item, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+def fsync_path(path: Path) -> None:
+    """Flush one file, or one directory's entries, to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: Path) -> None:
+    """Flush every file under ``path``, then every directory's entries (deepest first, the root
+    last): what a rename into place needs first, or a power cut can leave empty files behind."""
+    items = sorted(path.rglob("*"), key=lambda p: (p.is_dir(), -len(p.parts)))
+    for item in [*items, path]:
+        fsync_path(item)
 
 
 def recover_dir(final: Path) -> bool:
@@ -45,7 +52,7 @@ def replace_dir(tmp: Path, final: Path) -> None:
     cut cannot leave a renamed folder of empty files.
     """
     recover_dir(final)
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     old = final.with_name(final.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():

@@ -70,7 +70,7 @@ def to_channels_last(module: torch.nn.Module, enabled: bool = True) -> torch.nn.
     Without it cuDNN transposes activations around every convolution. Only the layout of 4-D
     tensors changes: state_dict keys and values stay the same, but those tensors are no longer
     contiguous, so safetensors' ``save_file`` needs ``.contiguous()`` on them (``save_model``,
-    diffusers' ``save_pretrained`` and ``train_utils`` take care of it), and a loaded
+    diffusers' ``save_pretrained``, ``EMA.save`` and ``checkpoints`` take care of it), and a loaded
     optimizer state needs ``match_state_layout``. Returns ``module`` (unchanged if not
     ``enabled``).
     """

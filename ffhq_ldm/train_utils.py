@@ -1,20 +1,13 @@
-"""Pieces both trainers share: EMA, safe checkpoints and exact resume, preemption, the
-non-finite guard, samplers, logging helpers.
+"""Pieces both trainers share: EMA, exact resume, preemption, the non-finite guard, samplers,
+logging helpers. The checkpoint format (saving, loading, listing, pruning, resuming) is in
+``checkpoints``.
 
 A 72-hour run that dies at hour 70 must lose minutes, not days:
 
-- **Checkpoints hold no pickles.** Models, EMA, optimizer tensors and RNG states are
-  safetensors; everything else (step counters, LR schedules, GradScaler, the run's config) is
-  JSON. accelerate's ``save_state``/``load_state`` is not used: it pickles optimizer and
-  scheduler state, loads ``register_for_checkpointing`` objects with ``weights_only=False``
-  (a crafted ``custom_checkpoint_0.pkl`` runs code), and only logs a failed RNG restore.
-  A checkpoint folder that contains pickle files is refused without opening them.
-- **Checkpoints are never half-visible.** Written to ``checkpoints/.tmp-step-N``, fsynced,
-  renamed to ``checkpoints/step-N``; older ones are pruned only afterwards (renamed to a hidden
-  name first, so a crash mid-delete never leaves a half checkpoint that looks complete).
-  Hidden leftovers of a crash are ignored and removed at the next start.
-- **Resume is exact.** Besides the state above, every step reseeds the global RNG from
-  (seed, step, rank), so nothing that touches the global RNG between steps (data loader
+- **Checkpoints** are safetensors + JSON, never pickles, and never half-visible: see
+  ``checkpoints``.
+- **Resume is exact.** Besides the state a checkpoint holds, every step reseeds the global RNG
+  from (seed, step, rank), so nothing that touches the global RNG between steps (data loader
   iterators, previews, evaluation) can make a resumed run diverge from an uninterrupted one.
 - **Preemption** (SIGTERM/SIGINT) saves a checkpoint at the next step boundary and exits with
   ``EXIT_PREEMPTED``; rerunning the same command continues.
@@ -27,37 +20,26 @@ import hashlib
 import json
 import math
 import os
-import random
-import shutil
 import signal
 import sys
 import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, save_file
 
+from .checkpoints import latest_checkpoint
 from .cli_common import UsageError
-from .fast import match_state_layout
 
-CHECKPOINT_PREFIX = "step-"
-CHECKPOINT_FORMAT = 2  # 1 was accelerate's save_state folder (pickled optimizer/scheduler/RNG)
-TRAINER_STATE = "trainer_state.json"
 # Exit code of a run stopped by SIGTERM/SIGINT after saving its checkpoint: sysexits.h
 # EX_TEMPFAIL, "temporary failure, retry". Not 0, so that `until train ...; do :; done`,
 # Kubernetes' restartPolicy=OnFailure or a Makefile treat the run as unfinished.
 EXIT_PREEMPTED = 75
 EXIT_NONFINITE = 2
-PICKLE_SUFFIXES = (".pkl", ".pickle", ".bin", ".pt", ".pth", ".ckpt")
 # Test hook (tests/test_resilience.py): send this process a real signal after step N.
 TEST_SIGNAL_ENV = "_FACELDM_TEST_SIGNAL_AT_STEP"
-
-
-class CheckpointError(UsageError):
-    """A checkpoint that cannot (or must not) be resumed from: one line, exit code 2."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,7 +135,7 @@ class EMA:
 
 
 # ---------------------------------------------------------------------------------------------
-# Randomness: per-step seeds, and the RNG state saved with a checkpoint (no pickles)
+# Randomness: per-step seeds (the RNG state a checkpoint holds: ``checkpoints.capture_rng``)
 
 def step_seed(seed: int, step: int, rank: int) -> int:
     """A 63-bit seed for (seed, step, rank), unrelated to ``draw_global_batch``'s seeds."""
@@ -180,386 +162,6 @@ def check_process_group(accelerator) -> None:
             f"{launched} processes were launched but accelerate joined "
             f"{accelerator.num_processes}: they would train separately into one folder. On a "
             f"machine without GPUs set ACCELERATE_USE_CPU=1 (configs/accelerate/cpu_2proc.yaml)")
-
-
-def capture_rng() -> tuple[dict, dict]:
-    """(tensors, JSON-able metadata) holding every RNG state of this process."""
-    tensors = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        # this process's device only: a checkpoint then resumes on a machine with another
-        # number of GPUs (accelerate saves every visible device's state in every rank's file)
-        tensors["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        tensors["mps"] = torch.mps.get_rng_state()
-    version, internal, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    meta = {"python": [version, list(internal), gauss],
-            "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
-    return tensors, meta
-
-
-def restore_rng(tensors: dict, meta: dict) -> None:
-    """Inverse of ``capture_rng``; raises instead of going on with other random numbers."""
-    torch.set_rng_state(tensors["torch_cpu"])
-    # A GPU checkpoint resumed on a CPU has no CUDA generator to restore: nothing to do (the
-    # training randomness comes from per-step seeds anyway, see ``seed_step``).
-    if "cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["cuda"], torch.cuda.current_device())
-    if "mps" in tensors and torch.backends.mps.is_available():
-        torch.mps.set_rng_state(tensors["mps"])
-    version, internal, gauss = meta["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = meta["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-
-
-# ---------------------------------------------------------------------------------------------
-# Optimizer state as safetensors + JSON (torch's state_dict is tensors, numbers and lists)
-
-def _json_value(value):
-    if torch.is_tensor(value):
-        if value.numel() != 1:
-            raise TypeError("a tensor hyperparameter with more than one element")
-        return value.item()
-    if isinstance(value, (list, tuple)):
-        return [_json_value(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    raise TypeError(f"cannot store a {type(value).__name__} in a checkpoint")
-
-
-def save_optimizer(optimizer, path: Path) -> None:
-    state = optimizer.state_dict()
-    tensors, numbers = {}, {}
-    for index, entries in state["state"].items():
-        for key, value in entries.items():
-            name = f"{index}/{key}"
-            if torch.is_tensor(value):
-                tensors[name] = value.detach().cpu().contiguous()
-            else:
-                numbers[name] = _json_value(value)
-    groups = [{k: _json_value(v) for k, v in group.items()} for group in state["param_groups"]]
-    save_file(tensors, str(path), metadata={"param_groups": json.dumps(groups),
-                                             "numbers": json.dumps(numbers)})
-
-
-def load_optimizer(optimizer, path: Path) -> None:
-    tensors = load_file(str(path))
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    groups = json.loads(meta["param_groups"])
-    numbers = json.loads(meta.get("numbers", "{}"))
-    current = optimizer.param_groups
-    if len(groups) != len(current):
-        raise CheckpointError(f"{path.name}: {len(groups)} parameter groups, the optimizer has "
-                              f"{len(current)}")
-    for saved, now in zip(groups, current):
-        for key, value in saved.items():  # JSON has no tuples: give back e.g. Adam's betas'
-            if isinstance(now.get(key), tuple) and isinstance(value, list):
-                saved[key] = tuple(value)
-    state: dict[int, dict] = {}
-    for name, value in list(tensors.items()) + list(numbers.items()):
-        index, key = name.split("/", 1)
-        state.setdefault(int(index), {})[key] = value
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
-    # saved contiguous; a channels_last weight's moments must get its layout back (fused AdamW)
-    match_state_layout(optimizer)
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints: written to a hidden temporary folder, fsynced, renamed, then old ones pruned.
-
-def checkpoint_dir(output_dir: Path) -> Path:
-    return Path(output_dir) / "checkpoints"
-
-
-def _step_of(path: Path) -> int | None:
-    rest = path.name[len(CHECKPOINT_PREFIX):]
-    return int(rest) if path.name.startswith(CHECKPOINT_PREFIX) and rest.isdigit() else None
-
-
-def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (hidden temporary folders are never listed)."""
-    root = checkpoint_dir(output_dir)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and _step_of(p) is not None
-             and (p / TRAINER_STATE).is_file()]
-    return sorted(found, key=_step_of)
-
-
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    found = list_checkpoints(output_dir)
-    return found[-1] if found else None
-
-
-def checkpoint_lineage(output_dir: Path, resumed_from: Path | None, step: int) -> list[Path]:
-    """The checkpoints in ``output_dir`` this run continues: those up to the step it resumes
-    from, when it resumes from one of them. The others (a previous run's after ``--resume
-    none`` or ``--resume`` elsewhere, or the abandoned future of an older checkpoint) are
-    replaced at this run's first save, so a later auto-resume never picks them."""
-    if resumed_from is None or Path(resumed_from).resolve().parent != \
-            checkpoint_dir(output_dir).resolve():
-        return []
-    return [p for p in list_checkpoints(output_dir) if _step_of(p) <= step]
-
-
-def clean_stale(output_dir: Path) -> list[Path]:
-    """Remove what a crash left behind: hidden ``.tmp-*`` / ``.del-*`` folders. Returns them.
-
-    Also puts back an exported ``vae/`` or ``pipeline/`` that a crash left as ``*.old``
-    (``export.recover_dir``).
-    """
-    from .export import recover_dir
-
-    for name in ("vae", "pipeline"):
-        recover_dir(Path(output_dir) / name)
-    root = checkpoint_dir(output_dir)
-    stale = [p for p in root.iterdir() if p.name.startswith(".")] if root.is_dir() else []
-    for path in stale:
-        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-    return stale
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(path: Path) -> None:
-    for file in path.rglob("*"):
-        if file.is_file():
-            _fsync_path(file)
-    _fsync_path(path)  # the directory entries themselves
-
-
-def _discard(path: Path) -> None:
-    """Hide ``path`` with one atomic rename, then delete it: never a half-deleted checkpoint
-    that still looks complete."""
-    hidden = path.with_name(f".del-{path.name}-{os.getpid()}")
-    os.replace(path, hidden)
-    shutil.rmtree(hidden, ignore_errors=True)
-
-
-def _rank_file(rank: int) -> str:
-    return f"rng-{rank}.safetensors"
-
-
-def save_checkpoint(accelerator, output_dir: Path, step: int, trainer_state: dict, *,
-                    models: dict, optimizers: dict, schedulers: dict | None = None,
-                    ema: EMA | None = None, keep: int = 2, lineage: list | None = None) -> Path:
-    """Save everything needed to resume exactly; the folder appears only once complete.
-
-    ``models``/``optimizers``/``schedulers`` map a file name to the object. ``lineage``: the
-    checkpoints of this run (oldest first); older ones beyond ``keep`` and every checkpoint not
-    in it (a previous run's, after ``--resume none``) are pruned after the new one is in place.
-    """
-    root = checkpoint_dir(output_dir)
-    final = root / f"{CHECKPOINT_PREFIX}{step:08d}"
-    tmp = root / f".tmp-{final.name}"
-    main = accelerator.is_main_process
-    if main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    # every process: its own RNG states
-    tensors, meta = capture_rng()
-    save_file(tensors, str(tmp / _rank_file(accelerator.process_index)),
-              metadata={"rng": json.dumps(meta)})
-    if main:
-        for name, model in models.items():
-            save_model(accelerator.unwrap_model(model), str(tmp / f"{name}.safetensors"))
-        for name, optimizer in optimizers.items():
-            save_optimizer(optimizer, tmp / f"optimizer-{name}.safetensors")
-        if ema is not None:
-            ema.save(tmp / "ema.safetensors")
-        scaler = getattr(accelerator, "scaler", None)
-        scaler_state = None if scaler is None else _json_value_tree(scaler.state_dict())
-        payload = dict(trainer_state, format=CHECKPOINT_FORMAT, step=step,
-                       num_processes=accelerator.num_processes,
-                       models=sorted(models), optimizers=sorted(optimizers),
-                       schedulers={k: _json_value_tree(s.state_dict())
-                                   for k, s in (schedulers or {}).items()},
-                       grad_scaler=scaler_state, ema=ema is not None)
-    accelerator.wait_for_everyone()  # all RNG files written
-    if main:
-        # trainer_state.json last: a folder without it is never taken for a checkpoint
-        (tmp / TRAINER_STATE).write_text(json.dumps(payload, indent=2) + "\n")
-        _fsync_tree(tmp)
-        if final.exists():  # the same step saved again (a fresh run over an old one)
-            _discard(final)
-        os.replace(tmp, final)
-        _fsync_path(root)
-        if lineage is not None:
-            lineage.append(final)
-            mine = [p for p in lineage if p.exists()]
-            lineage[:] = mine[-keep:] if keep > 0 else mine
-            for old in list_checkpoints(output_dir):
-                if old not in lineage:
-                    _discard(old)
-        elif keep > 0:
-            for old in list_checkpoints(output_dir)[:-keep]:
-                _discard(old)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def _json_value_tree(value):
-    if isinstance(value, dict):
-        return {str(k): _json_value_tree(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_value_tree(v) for v in value]
-    return _json_value(value)
-
-
-def read_trainer_state(path: Path) -> dict:
-    """The JSON half of a checkpoint, with clear errors for anything that is not ours."""
-    path = Path(path)
-    state_file = path / TRAINER_STATE
-    if not state_file.is_file():
-        raise CheckpointError(f"{path} is not a complete checkpoint (no {TRAINER_STATE})")
-    pickles = sorted(p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
-    if pickles:
-        # Never unpickle: a pickle can run any code while it loads. Our checkpoints hold none;
-        # these come from accelerate's save_state (an older FaceLDM) or from someone else.
-        raise CheckpointError(
-            f"{path} holds pickle files ({', '.join(pickles)}), which can run code when loaded; "
-            "FaceLDM checkpoints are safetensors + JSON only, so this one is refused. Delete "
-            "those files if you trust them not to matter, or start fresh with --resume none")
-    try:
-        state = json.loads(state_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{state_file} is not valid JSON: {exc}") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} was written by another version of FaceLDM (format "
-                              f"{state.get('format') if isinstance(state, dict) else '?'}, "
-                              f"expected {CHECKPOINT_FORMAT}); start fresh with --resume none")
-    return state
-
-
-def check_resumable(state: dict, path: Path, trainer: str, config_cls, config, run: dict,
-                    may_change: tuple = ()) -> None:
-    """Refuse, in one line, a checkpoint made by another trainer or with other settings.
-
-    ``run``: facts beyond the config that must match (e.g. the number of training images, the
-    global batch); ``may_change``: config fields that do not change what is trained (max_steps,
-    how often to save or evaluate).
-    """
-    from dataclasses import fields
-
-    from .config import ConfigError, config_from_dict, to_dict
-
-    if state.get("trainer") != trainer:
-        raise CheckpointError(f"{path} is a checkpoint of {state.get('trainer')!r}, not of "
-                              f"{trainer!r}; pass a {trainer} checkpoint or --resume none")
-    saved_dict = state.get("config")
-    if not isinstance(saved_dict, dict):
-        raise CheckpointError(f"{path / TRAINER_STATE} has no 'config' section")
-    try:
-        saved = to_dict(config_from_dict(config_cls, saved_dict))
-    except ConfigError as exc:
-        raise CheckpointError(f"{path / TRAINER_STATE}: {exc}") from None
-    except (TypeError, ValueError) as exc:  # e.g. a string where a number belongs
-        raise CheckpointError(f"{path / TRAINER_STATE} has an invalid config: {exc}") from None
-    now = to_dict(config)
-    diffs = [f"--{f.name.replace('_', '-')} {_show(saved[f.name])} (this command: "
-             f"{_show(now[f.name])})" for f in fields(config_cls)
-             if f.name not in may_change and saved[f.name] != now[f.name]]
-    saved_run = state.get("run") or {}
-    diffs += [f"{k} {_show(saved_run.get(k))} (this command: {_show(v)})"
-              for k, v in run.items() if saved_run.get(k) != v]
-    if diffs:
-        raise CheckpointError(
-            f"cannot resume from {path}: it was trained with {'; '.join(diffs)}. Rerun with the "
-            f"checkpoint's settings (see its {TRAINER_STATE}), or start fresh with --resume none "
-            f"or another --output-dir")
-
-
-def _show(value) -> str:
-    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
-
-
-def load_checkpoint(accelerator, path: Path, *, models: dict, optimizers: dict,
-                    schedulers: dict | None = None, ema: EMA | None = None,
-                    state: dict | None = None) -> dict:
-    """Restore models, optimizers, schedulers, GradScaler, EMA and RNG; return trainer state.
-
-    Only safetensors and JSON are read. Every failure, the RNG restore included, is an error:
-    a resume that silently continues with other random numbers is not exact.
-    """
-    path = Path(path)
-    state = read_trainer_state(path) if state is None else state
-    rank, saved_procs = accelerator.process_index, int(state.get("num_processes", 1))
-    # A run resumed in another process layout: a rank the checkpoint has no RNG file for takes
-    # another rank's. Training stays exact across layouts through the per-step seeds
-    # (``seed_step``, ``draw_global_batch``), not through these states.
-    rng_name = _rank_file(rank if saved_procs == accelerator.num_processes
-                          else rank % max(saved_procs, 1))
-    expected = [f"{n}.safetensors" for n in models] + \
-               [f"optimizer-{n}.safetensors" for n in optimizers] + \
-               [rng_name] + (["ema.safetensors"] if ema else [])
-    missing = [name for name in expected if not (path / name).is_file()]
-    if missing or sorted(models) != state.get("models") or \
-            sorted(optimizers) != state.get("optimizers"):
-        raise CheckpointError(f"{path} is incomplete or from another setup (missing: "
-                              f"{', '.join(missing) or 'none'}; holds models "
-                              f"{state.get('models')}, optimizers {state.get('optimizers')})")
-    try:
-        for name, model in models.items():
-            load_model(accelerator.unwrap_model(model), str(path / f"{name}.safetensors"),
-                       strict=True, device=str(accelerator.device))
-        for name, optimizer in optimizers.items():
-            load_optimizer(optimizer, path / f"optimizer-{name}.safetensors")
-        for name, scheduler in (schedulers or {}).items():
-            scheduler.load_state_dict(state["schedulers"][name])
-        scaler = getattr(accelerator, "scaler", None)
-        if scaler is not None and state.get("grad_scaler"):
-            scaler.load_state_dict(state["grad_scaler"])
-        if ema is not None:
-            ema.load(path / "ema.safetensors")
-        rng_file = path / rng_name
-        with safe_open(str(rng_file), "pt") as f:
-            meta = json.loads((f.metadata() or {})["rng"])
-        restore_rng(load_file(str(rng_file)), meta)
-    except CheckpointError:
-        raise
-    except Exception as exc:  # a damaged file: say which checkpoint, not a deep traceback
-        raise CheckpointError(f"cannot restore {path}: {type(exc).__name__}: {exc}") from exc
-    return state
-
-
-def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
-    """``--resume``: None/"auto" = the latest in output_dir if any, "none" = fresh, else a path."""
-    if resume in (None, "auto"):
-        return latest_checkpoint(output_dir)
-    if resume == "none":
-        return None
-    path = Path(resume)
-    if not (path / TRAINER_STATE).is_file():
-        raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint folder")
-    return path
-
-
-def truncate_jsonl(path: Path, step: int) -> None:
-    """Drop log records past ``step`` (written after the checkpoint a run resumes from), so the
-    log reads as one uninterrupted run."""
-    path = Path(path)
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # the half-written last line of a killed run
-            continue
-        if isinstance(record, dict) and record.get("step", 0) <= step:
-            kept.append(line)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -832,6 +434,25 @@ def read_json_or(path: Path, default):
         return json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError):
         return default
+
+
+def truncate_jsonl(path: Path, step: int) -> None:
+    """Drop log records past ``step`` (written after the checkpoint a run resumes from), so the
+    log reads as one uninterrupted run."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # the half-written last line of a killed run
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
 
 
 def device_memory(device) -> dict:

@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import ROOT, load_script
-from ffhq_ldm import train_utils
+from ffhq_ldm import checkpoints, train_utils
 from ffhq_ldm.cli_common import run_main
 from ffhq_ldm.train_utils import EXIT_PREEMPTED, TEST_SIGNAL_ENV
 
@@ -129,7 +129,7 @@ def test_unet_sigterm_then_rerun_is_bitwise_equal_to_an_uninterrupted_run(
             process.kill()
     assert process.returncode == EXIT_PREEMPTED, err[-3000:]
     assert "stopped by SIGTERM" in err and "Rerun the same command" in err
-    saved = train_utils.list_checkpoints(out)
+    saved = checkpoints.list_checkpoints(out)
     assert len(saved) == 1, saved
     stopped_at = int(saved[0].name.split("-")[1])
     assert 1 <= stopped_at < UNET_STEPS, f"the signal came too late (step {stopped_at})"
@@ -162,7 +162,7 @@ def test_vae_sigterm_mid_epoch_then_rerun_is_bitwise_equal_to_an_uninterrupted_r
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == EXIT_PREEMPTED, result.stderr[-3000:]
     assert f"stopped by SIGTERM at step {VAE_STOP}" in result.stderr
-    assert train_utils.list_checkpoints(out) == [checkpoint(out, VAE_STOP)]
+    assert checkpoints.list_checkpoints(out) == [checkpoint(out, VAE_STOP)]
     assert not (out / "vae").exists()
 
     assert load_script("train_vae").main(args(out)) == 0
@@ -182,7 +182,7 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_and_the_rerun_resum
         unet_reference, faces32, tiny_vae, tmp_path, monkeypatch, capsys):
     reference, cache = unet_reference
     out = tmp_path / "run"
-    real_fsync_tree = train_utils._fsync_tree
+    real_fsync_tree = checkpoints.fsync_tree
 
     def die_in_the_second_save(path):
         # every file of the step-16 checkpoint is written; the process dies before the rename
@@ -190,15 +190,15 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_and_the_rerun_resum
             raise RuntimeError("killed in the middle of a save")
         real_fsync_tree(path)
 
-    monkeypatch.setattr(train_utils, "_fsync_tree", die_in_the_second_save)
+    monkeypatch.setattr(checkpoints, "fsync_tree", die_in_the_second_save)
     with pytest.raises(RuntimeError, match="killed in the middle"):
         load_script("train_unet").main(unet_args(faces32, tiny_vae, out, cache))
     monkeypatch.undo()
 
     leftover = out / "checkpoints" / f".tmp-step-{UNET_STEPS:08d}"
     assert leftover.is_dir()  # the half-written save is there, but never listed
-    assert train_utils.list_checkpoints(out) == [checkpoint(out, UNET_EVERY)]
-    assert train_utils.read_trainer_state(checkpoint(out, UNET_EVERY))["step"] == UNET_EVERY
+    assert checkpoints.list_checkpoints(out) == [checkpoint(out, UNET_EVERY)]
+    assert checkpoints.read_trainer_state(checkpoint(out, UNET_EVERY))["step"] == UNET_EVERY
 
     capsys.readouterr()
     assert load_script("train_unet").main(unet_args(faces32, tiny_vae, out, cache)) == 0
@@ -212,15 +212,15 @@ def test_starting_fresh_replaces_the_previous_runs_checkpoints_at_its_first_save
     reference, cache = unet_reference
     out = tmp_path / "run"
     shutil.copytree(reference / "checkpoints", out / "checkpoints")
-    old = train_utils.list_checkpoints(out)
+    old = checkpoints.list_checkpoints(out)
     assert [p.name for p in old] == ["step-00000008", "step-00000016"]
     # a fresh 4-step run in the same folder: auto-resume must never pick the old step 16 later
     args = unet_args(faces32, tiny_vae, out, cache, "--resume", "none", "--max-steps", "4",
                      "--checkpoint-every", "2")
     assert load_script("train_unet").main(args) == 0
-    assert [p.name for p in train_utils.list_checkpoints(out)] == ["step-00000002",
+    assert [p.name for p in checkpoints.list_checkpoints(out)] == ["step-00000002",
                                                                    "step-00000004"]
-    assert train_utils.read_trainer_state(checkpoint(out, 4))["images_seen"] == 4 * 8
+    assert checkpoints.read_trainer_state(checkpoint(out, 4))["images_seen"] == 4 * 8
 
 
 def test_resuming_an_older_checkpoint_replaces_the_abandoned_newer_one(
@@ -231,7 +231,7 @@ def test_resuming_an_older_checkpoint_replaces_the_abandoned_newer_one(
     args = unet_args(faces32, tiny_vae, out, cache, "--resume", checkpoint(out, UNET_EVERY),
                      "--max-steps", "10", "--checkpoint-every", "10")
     assert load_script("train_unet").main(args) == 0
-    assert train_utils.list_checkpoints(out) == [checkpoint(out, 8), checkpoint(out, 10)]
+    assert checkpoints.list_checkpoints(out) == [checkpoint(out, 8), checkpoint(out, 10)]
 
 
 def test_stale_temporaries_are_ignored_then_cleaned(tmp_path):
@@ -240,8 +240,8 @@ def test_stale_temporaries_are_ignored_then_cleaned(tmp_path):
         (root / name).mkdir(parents=True)
         (root / name / "trainer_state.json").write_text("{}")
     (root / "step-00000006").mkdir()  # no trainer_state.json: never complete
-    assert train_utils.list_checkpoints(tmp_path) == [root / "step-00000004"]
-    cleaned = train_utils.clean_stale(tmp_path)
+    assert checkpoints.list_checkpoints(tmp_path) == [root / "step-00000004"]
+    cleaned = checkpoints.clean_stale(tmp_path)
     assert sorted(p.name for p in cleaned) == [".del-step-00000002-77", ".tmp-step-00000008"]
     assert sorted(p.name for p in root.iterdir()) == ["step-00000004", "step-00000006"]
 
@@ -303,7 +303,7 @@ def test_too_many_nonfinite_steps_in_a_row_stop_with_exit_2_keeping_the_good_che
     assert code == 2
     err = capsys.readouterr().err
     assert "stopped at step 7: the loss was not finite for 3 steps in a row" in err
-    saved = train_utils.list_checkpoints(out)
+    saved = checkpoints.list_checkpoints(out)
     assert saved[-1] == checkpoint(out, 6) and f"last good checkpoint is {saved[-1]}" in err
     # steps 5 and 6 were skipped: the step-6 checkpoint holds the step-4 weights, bit for bit
     for name in ("unet", "ema", "optimizer-unet"):
@@ -406,11 +406,11 @@ def test_resuming_with_another_architecture_is_a_one_line_error(unet_reference, 
 
 
 def test_a_vae_checkpoint_is_not_a_unet_checkpoint(tmp_path):
-    state = {"format": train_utils.CHECKPOINT_FORMAT, "trainer": "vae", "config": {}}
+    state = {"format": checkpoints.CHECKPOINT_FORMAT, "trainer": "vae", "config": {}}
     from ffhq_ldm.config import UNetConfig, get_preset
 
-    with pytest.raises(train_utils.CheckpointError, match="checkpoint of 'vae', not of 'unet'"):
-        train_utils.check_resumable(state, tmp_path, "unet", UNetConfig,
+    with pytest.raises(checkpoints.CheckpointError, match="checkpoint of 'vae', not of 'unet'"):
+        checkpoints.check_resumable(state, tmp_path, "unet", UNetConfig,
                                     get_preset("tiny", "unet"), {})
 
 
@@ -422,9 +422,9 @@ def test_a_checkpoint_config_with_unknown_or_invalid_fields_is_a_clear_error(tmp
                                                                              message):
     from ffhq_ldm.config import UNetConfig, get_preset
 
-    state = {"format": train_utils.CHECKPOINT_FORMAT, "trainer": "unet", "config": config}
-    with pytest.raises(train_utils.CheckpointError, match=message):
-        train_utils.check_resumable(state, tmp_path, "unet", UNetConfig,
+    state = {"format": checkpoints.CHECKPOINT_FORMAT, "trainer": "unet", "config": config}
+    with pytest.raises(checkpoints.CheckpointError, match=message):
+        checkpoints.check_resumable(state, tmp_path, "unet", UNetConfig,
                                     get_preset("tiny", "unet"), {})
 
 
@@ -444,11 +444,11 @@ def test_a_failed_rng_restore_is_an_error_not_a_log_line(unet_reference, faces32
 
 def test_a_damaged_trainer_state_is_a_clear_error(tmp_path):
     (tmp_path / "trainer_state.json").write_text("{not json")
-    with pytest.raises(train_utils.CheckpointError, match="not valid JSON"):
-        train_utils.read_trainer_state(tmp_path)
+    with pytest.raises(checkpoints.CheckpointError, match="not valid JSON"):
+        checkpoints.read_trainer_state(tmp_path)
     (tmp_path / "trainer_state.json").write_text('{"step": 3}')  # accelerate-era, or foreign
-    with pytest.raises(train_utils.CheckpointError, match="another version"):
-        train_utils.read_trainer_state(tmp_path)
+    with pytest.raises(checkpoints.CheckpointError, match="another version"):
+        checkpoints.read_trainer_state(tmp_path)
 
 
 class _CreatesAFile:
@@ -576,7 +576,7 @@ def test_an_export_killed_between_its_two_renames_is_put_back(tmp_path, monkeypa
     # the same state for a pipeline folder, put back by a trainer's start-up cleaning
     (tmp_path / "run" / "pipeline.old").mkdir()
     (tmp_path / "run" / "pipeline.old" / "model_index.json").write_text("{}")
-    train_utils.clean_stale(tmp_path / "run")
+    checkpoints.clean_stale(tmp_path / "run")
     assert (tmp_path / "run" / "pipeline" / "model_index.json").is_file()
 
 

@@ -35,6 +35,9 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from ffhq_ldm.checkpoints import (check_resumable, checkpoint_lineage, clean_stale,
+                                  latest_checkpoint, list_checkpoints, load_checkpoint,
+                                  read_trainer_state, resolve_resume, save_checkpoint)
 from ffhq_ldm.cli_common import UsageError, run_main, training_parser
 from ffhq_ldm.config import UNetConfig, config_from_args, save_run_config, to_dict
 from ffhq_ldm.data.images import load_failures, open_dataset_checked
@@ -46,12 +49,9 @@ from ffhq_ldm.losses.diffusion import DiffusionLoss, draw_global_batch, slice_fo
 from ffhq_ldm.models.unet import build_sample_scheduler, build_train_scheduler, build_unet
 from ffhq_ldm.models.vae import load_vae
 from ffhq_ldm.train_utils import (EMA, EXIT_NONFINITE, GracefulStop, NonFiniteGuard, Throughput,
-                                  append_jsonl, check_process_group, check_resumable,
-                                  checkpoint_lineage, clean_stale, device_memory, exit_preempted,
-                                  finite_or_none, fused_supported, latest_checkpoint,
-                                  list_checkpoints, load_checkpoint, read_trainer_state,
-                                  resolve_resume, save_checkpoint, scalars, seed_step,
-                                  truncate_jsonl, warmup_lambda)
+                                  append_jsonl, check_process_group, device_memory,
+                                  exit_preempted, finite_or_none, fused_supported, scalars,
+                                  seed_step, truncate_jsonl, warmup_lambda)
 from ffhq_ldm.visual import save_grid
 from pipelines.pipeline_face_ldm import FaceLDMPipeline
 
