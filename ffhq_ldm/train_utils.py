@@ -245,6 +245,15 @@ def exit_preempted(accelerator, stop: GracefulStop, output_dir: Path, step: int,
     return EXIT_PREEMPTED
 
 
+def exit_nonfinite(accelerator, guard: "NonFiniteGuard", output_dir: Path, step: int) -> int:
+    """A trainer's way out after too many non-finite steps in a row: the message (which names
+    the last good checkpoint) and ``EXIT_NONFINITE`` for ``main`` to return."""
+    if accelerator.is_main_process:
+        print(guard.stop_message(step, latest_checkpoint(output_dir)), file=sys.stderr)
+    accelerator.end_training()
+    return EXIT_NONFINITE
+
+
 def ignore_stop_signals(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: a SIGINT/SIGTERM sent to the whole process group (Ctrl-C,
     a scheduler) must not kill the workers while the main process finishes its step."""

@@ -36,8 +36,8 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from ffhq_ldm.checkpoints import (check_resumable, checkpoint_lineage, clean_stale,
-                                  latest_checkpoint, list_checkpoints, load_checkpoint,
-                                  read_trainer_state, resolve_resume, save_checkpoint)
+                                  list_checkpoints, load_checkpoint, read_trainer_state,
+                                  resolve_resume, save_checkpoint)
 from ffhq_ldm.cli_common import UsageError, run_main, training_parser
 from ffhq_ldm.config import UNetConfig, config_from_args, save_run_config, to_dict
 from ffhq_ldm.data.images import load_failures, open_dataset_checked
@@ -48,8 +48,8 @@ from ffhq_ldm.fast import (FastTrainStep, channels_last_wanted, enable_cudnn_aut
 from ffhq_ldm.losses.diffusion import DiffusionLoss, draw_global_batch, slice_for
 from ffhq_ldm.models.unet import build_sample_scheduler, build_train_scheduler, build_unet
 from ffhq_ldm.models.vae import load_vae
-from ffhq_ldm.train_utils import (EMA, EXIT_NONFINITE, GracefulStop, NonFiniteGuard, Throughput,
-                                  append_jsonl, check_process_group, device_memory,
+from ffhq_ldm.train_utils import (EMA, GracefulStop, NonFiniteGuard, Throughput, append_jsonl,
+                                  check_process_group, device_memory, exit_nonfinite,
                                   exit_preempted, finite_or_none, fused_supported, scalars,
                                   seed_step, truncate_jsonl, warmup_lambda)
 from ffhq_ldm.visual import save_grid
@@ -277,10 +277,7 @@ def main(argv=None) -> int:
             is_log = step % args.log_every == 0 or is_last
             is_ckpt = step % config.checkpoint_every == 0 or is_last
             if (is_log or is_ckpt or not guard.deferred) and guard.poll(step):
-                if main_proc:
-                    print(guard.stop_message(step, latest_checkpoint(out)), file=sys.stderr)
-                accelerator.end_training()
-                return EXIT_NONFINITE
+                return exit_nonfinite(accelerator, guard, out, step)
             if is_log:
                 # The only host-device sync of the loop: the mean loss every log_every steps.
                 total, count = accelerator.reduce(loss_sum, "mean").item(), loss_count.item()

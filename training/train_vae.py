@@ -31,8 +31,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ffhq_ldm.checkpoints import (check_resumable, checkpoint_lineage, clean_stale,
-                                  latest_checkpoint, list_checkpoints, load_checkpoint,
-                                  read_trainer_state, resolve_resume, save_checkpoint)
+                                  list_checkpoints, load_checkpoint, read_trainer_state,
+                                  resolve_resume, save_checkpoint)
 from ffhq_ldm.cli_common import UsageError, run_main, training_parser
 from ffhq_ldm.config import VAEConfig, config_from_args, save_run_config, to_dict
 from ffhq_ldm.data.images import (SMALL_IMAGE_POLICIES, ImageDataset, load_failures,
@@ -48,9 +48,9 @@ from ffhq_ldm.losses.autoencoder import AutoencoderLoss
 from ffhq_ldm.losses.perceptual import build_perceptual
 from ffhq_ldm.models.discriminator import PatchDiscriminator
 from ffhq_ldm.models.vae import Reconstructor, build_vae, decoder_last_layer, measure_scaling_factor
-from ffhq_ldm.train_utils import (EXIT_NONFINITE, EpochSampler, GracefulStop, NonFiniteGuard,
-                                  Throughput, append_jsonl, check_process_group, device_memory,
-                                  exit_preempted, finite_or_none, fused_supported,
+from ffhq_ldm.train_utils import (EpochSampler, GracefulStop, NonFiniteGuard, Throughput,
+                                  append_jsonl, check_process_group, device_memory,
+                                  exit_nonfinite, exit_preempted, finite_or_none, fused_supported,
                                   ignore_stop_signals, read_json_or, scalars, seed_step,
                                   truncate_jsonl, write_json_atomic)
 from ffhq_ldm.visual import save_grid
@@ -386,10 +386,7 @@ def main(argv=None) -> int:
                                     l1=f"{values['loss/l1']:.3f}",
                                     img_s=f"{values['images_per_s']:.1f}")
                 if (is_log or is_ckpt or not guard.deferred) and guard.poll(step):
-                    if main_proc:
-                        print(guard.stop_message(step, latest_checkpoint(out)), file=sys.stderr)
-                    accelerator.end_training()
-                    return EXIT_NONFINITE
+                    return exit_nonfinite(accelerator, guard, out, step)
                 if is_log:
                     note_load_failures()
                     if main_proc:
