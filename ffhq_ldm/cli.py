@@ -50,9 +50,10 @@ def _reconstruct(args) -> int:
 
     from .data.images import ImageDataset
     from .data.latents import split_for_vae
-    from .evaluation.autoencoder import ReconstructionFID, batched, reconstruction_metrics
+    from .evaluation.autoencoder import (ReconstructionFID, batched, describe_metrics,
+                                       reconstruction_metrics)
     from .losses.perceptual import PerceptualWeightsError, build_perceptual
-    from .models.vae import load_vae
+    from .models.vae import Reconstructor, load_vae
     from .visual import save_grid
 
     if args.batch_size <= 0 or (args.num is not None and args.num <= 0):
@@ -90,10 +91,10 @@ def _reconstruct(args) -> int:
     if perceptual is not None:
         perceptual.to(device)
 
+    model = Reconstructor(vae)  # the trainer's evaluation path: posterior mode, or VQ codes
+
     def reconstruct(x):
-        if hasattr(vae, "quantize"):
-            return vae.decode(vae.encode(x).latents).sample
-        return vae.decode(vae.encode(x).latent_dist.mode()).sample
+        return model(x, sample_posterior=False)[0]
 
     total = len(dataset) if args.num is None else min(args.num, len(dataset))
     bar = tqdm(total=total, unit="img", disable=args.no_progress,
@@ -114,12 +115,8 @@ def _reconstruct(args) -> int:
     grid = save_grid(torch.cat([orig, rec]), out / "reconstructions.png", nrow=orig.shape[0])
     payload = {"vae": str(args.vae), "data": args.data, "images": which, **metrics, **inception}
     (out / "metrics.json").write_text(json.dumps(payload, indent=2) + "\n")
-    shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
-                      if k not in ("num_images", "rfid") and isinstance(v, float))
-    if metrics.get("rfid") is not None:  # FID grows as N shrinks: the count goes with it
-        shown += (f", rfid {metrics['rfid']:.4f} (over {metrics['rfid_num_images']} images; "
-                  "compare rFIDs only at equal N)")
-    print(f"{metrics['num_images']} {which} images: {shown}")
+    hint = "; compare rFIDs only at equal N" if metrics.get("rfid") is not None else ""
+    print(f"{metrics['num_images']} {which} images: {describe_metrics(metrics)}{hint}")
     print(f"originals (top) and reconstructions (bottom): {grid}")
     return 0
 

@@ -111,13 +111,13 @@ def test_compiled_sampling_keeps_one_batch_shape_and_the_same_images(trained, tm
 
     monkeypatch.setattr(fast, "maybe_compile", eager_backend)
     monkeypatch.setenv("FFHQ_LDM_COMPILE", "1")
-    pipeline = str(out_dir := trained[0] / "unet_run" / "pipeline")
+    pipeline = str(trained[0] / "unet_run" / "pipeline")
     torch._dynamo.reset()
     with torch._dynamo.config.patch(error_on_recompile=True):
         assert cli_main(["sample", "--model", pipeline, "--num", "5", "--steps", "3",
                          "--batch-size", "2", "--out", str(tmp_path / "c"),
                          "--no-progress"]) == 0
-    assert calls == [True] and out_dir.is_dir()
+    assert calls == [True]  # compiled once, through the helper
     monkeypatch.setenv("FFHQ_LDM_COMPILE", "0")
     assert cli_main(["sample", "--model", pipeline, "--num", "5", "--steps", "3",
                      "--batch-size", "5", "--out", str(tmp_path / "e"), "--no-progress"]) == 0

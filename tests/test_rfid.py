@@ -382,3 +382,13 @@ def test_inception_features_run_in_true_fp32_whatever_the_trainer_allowed():
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
         torch.set_float32_matmul_precision(saved[2])
+
+
+def test_the_metrics_line_names_the_rfid_image_count_and_skips_counters():
+    from ffhq_ldm.evaluation.autoencoder import describe_metrics
+
+    line = describe_metrics({"step": 40, "psnr": 17.31779, "ssim": 0.5, "num_images": 8,
+                             "rfid": 330.5912, "rfid_num_images": 8})
+    assert line == "psnr 17.3178, ssim 0.5000, rfid 330.5912 (over 8 images)"
+    assert describe_metrics({"psnr": 1.0, "rfid": None, "rfid_unavailable": "no weights"}) == \
+        "psnr 1.0000"

@@ -39,7 +39,8 @@ from ffhq_ldm.data.images import (SMALL_IMAGE_POLICIES, ImageDataset, load_failu
                                   open_dataset_checked)
 from ffhq_ldm.data.scan import ScanReport, inspect_image
 from ffhq_ldm.evaluation import features as inception
-from ffhq_ldm.evaluation.autoencoder import ReconstructionFID, batched, reconstruction_metrics
+from ffhq_ldm.evaluation.autoencoder import (ReconstructionFID, batched, describe_metrics,
+                                             reconstruction_metrics)
 from ffhq_ldm.evaluation.errors import EvaluationError
 from ffhq_ldm.export import export_vae
 from ffhq_ldm.fast import (channels_last_wanted, enable_cudnn_autotune, enable_tf32,
@@ -125,16 +126,6 @@ def _stand_ins(requested, used, dataset: ImageDataset, size: int, report: ScanRe
                 failures[name] = reason
             j = (j + 1) % len(dataset)
     return failures
-
-
-def _describe(metrics: dict) -> str:
-    """The held-out figures in one line; rFID with its image count (FID depends on it)."""
-    skip = ("step", "num_images", "rfid", "rfid_num_images")
-    parts = [f"{k} {v:.4f}" for k, v in metrics.items()
-             if k not in skip and isinstance(v, (int, float))]
-    if metrics.get("rfid") is not None:
-        parts.append(f"rfid {metrics['rfid']:.4f} over {metrics['rfid_num_images']} images")
-    return ", ".join(parts)
 
 
 def main(argv=None) -> int:
@@ -313,7 +304,7 @@ def main(argv=None) -> int:
                       nrow=orig.shape[0])
             accelerator.log({f"eval/{k}": v for k, v in metrics.items()
                              if isinstance(v, (int, float))}, step=step)
-            tqdm.write(f"[step {step}] held-out " + _describe(metrics))
+            tqdm.write(f"[step {step}] held-out " + describe_metrics(metrics))
         return metrics
 
     def checkpoint() -> Path:
@@ -422,7 +413,7 @@ def main(argv=None) -> int:
         export_vae(unwrapped, out / "vae", scale, split)
         final = history[-1] if history else {}
         print(f"exported {out / 'vae'} (scaling_factor {scale:.5f}, measured on {n} images); "
-              f"held-out: " + _describe(final))
+              f"held-out: " + describe_metrics(final))
         note_load_failures()  # measuring the scale decoded training images once more
         if report.exit_code():
             print(f"data: {report.summary()}; see {report_path}")

@@ -131,6 +131,17 @@ def reconstruction_metrics(reconstruct, batches, perceptual=None, perceptual_nam
     return metrics, pair
 
 
+def describe_metrics(metrics: dict) -> str:
+    """The figures of ``reconstruction_metrics`` in one line; rFID with its image count, since
+    FID grows as the count shrinks."""
+    skip = ("step", "num_images", "rfid", "rfid_num_images")
+    parts = [f"{k} {v:.4f}" for k, v in metrics.items()
+             if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if metrics.get("rfid") is not None:
+        parts.append(f"rfid {metrics['rfid']:.4f} (over {metrics['rfid_num_images']} images)")
+    return ", ".join(parts)
+
+
 def batched(dataset, batch_size: int, device, limit: int | None = None):
     """Stack a map-style dataset into batches on ``device``."""
     n = len(dataset) if limit is None else min(limit, len(dataset))
