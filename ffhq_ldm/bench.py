@@ -12,7 +12,7 @@ on what the weights are):
 - encode      posterior mean and std of a batch of images (the latent-cache builder's work)
 - sample      FaceLDMPipeline: DDIM-50 and VAE decode, per image
 Each in the plain way (fp32, eager, contiguous, torch.optim defaults: diffusers' example
-training defaults) and the fast way of ffhq_ldm.fast (bf16, channels_last, fused AdamW, and
+training defaults) and the fast way of ffhq_ldm.speed (bf16, channels_last, fused AdamW, and
 torch.compile on CUDA). Every timing runs after warm-up, between device synchronisations.
 FLOPs per image are counted (torch.utils.flop_counter) at batch 1, so each result also says
 which fraction of the device's measured matmul peak it reaches.
@@ -33,12 +33,13 @@ from pathlib import Path
 
 TASKS = ("train-unet", "train-vae", "encode", "sample")
 # Compiled at the largest batch, in this order (the budget may cut the last one): the training
-# step and sampling are the issue's two claims. The VAE step is not compiled (see train_vae).
+# step and sampling matter most for a run's wall time. The VAE step is not compiled (see train_vae).
 COMPILED_TASKS = ("train-unet", "sample", "encode")
 
-# DESIGN.md section 5: one H200, bf16 matmul peak measured at 799 TFLOP/s, paper preset.
+# The project's reference measurements (docs/design.md, "Reference speed"): one H200, bf16
+# matmul peak measured at 799 TFLOP/s, paper preset.
 REFERENCE_H200 = {
-    "source": "DESIGN.md section 5 (one H200; not measured by this tool)",
+    "source": "docs/design.md, Reference speed (one H200; not measured by this tool)",
     "bf16_matmul_peak_tflops": 799,
     "train-unet": {"fp32 eager, batch 64": 385, "fp32 eager + VAE encode every step, batch 64": 310,
                    "bf16+CL+fused, batch 64": 761, "bf16+CL+fused, batch 256": 1103,
@@ -84,7 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="batch sizes for train-unet, encode and sample; the plain baseline "
                              "runs at the smallest, torch.compile at the largest")
     parser.add_argument("--vae-batch-size", type=int, default=32,
-                        help="batch size of the autoencoder step (as DESIGN.md's figure)")
+                        help="batch size of the autoencoder step (as the reference figure in docs/design.md)")
     parser.add_argument("--only", type=_task_list, default=",".join(TASKS), metavar="TASKS",
                         help=f"comma-separated tasks to run, of: {', '.join(TASKS)}")
     parser.add_argument("--steps", type=int, default=10,
@@ -160,13 +161,13 @@ def _peak_memory_gib(device) -> float | None:
 
 @contextlib.contextmanager
 def _fast_math():
-    """ffhq_ldm.fast's global GPU settings for one measurement, restored after it.
+    """ffhq_ldm.speed's global GPU settings for one measurement, restored after it.
 
     The baseline must run with PyTorch's defaults even when it is measured after a fast run.
     """
     import torch
 
-    from .fast import enable_cudnn_autotune, enable_tf32
+    from .speed import enable_cudnn_autotune, enable_tf32
 
     saved = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32,
              torch.backends.cudnn.benchmark)
@@ -350,15 +351,12 @@ class Bench:
     def train_unet(self, fast: bool, compiled: bool, batch: int):
         import torch
 
-        from .fast import FastTrainStep, make_adamw, maybe_compile, to_channels_last
         from .losses.diffusion import DiffusionLoss, draw_global_batch
         from .models.unet import build_train_scheduler
-        from .train_utils import EMA
+        from .train import stage2
+        from .train.ema import EMA
 
         cfg, device = self.unet_config, self.device
-        unet = self.build_unet().train()
-        loss_fn = DiffusionLoss(build_train_scheduler(cfg).alphas_cumprod, cfg.prediction_type,
-                                cfg.snr_gamma).to(device)
         cache = self.latent_cache(max(1024, 4 * batch))
         counter = itertools.count()
 
@@ -367,101 +365,61 @@ class Bench:
             return draw_global_batch(cfg.seed, next(counter), batch, len(cache), self.latent_shape,
                                      cfg.num_train_timesteps, device)
 
-        betas = (cfg.adam_beta1, cfg.adam_beta2)
-        if not fast:
-            optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.learning_rate, betas=betas,
-                                          weight_decay=cfg.weight_decay)
-            ema = EMA(unet, cfg.ema_decay)
-
-            def step():
-                b = draw()
-                z = cache.sample(b["indices"], noise=b["latent_noise"])
-                loss, _ = loss_fn(unet, z, b["noise"], b["timesteps"])
-                loss.backward()
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                ema.update(unet)
-                loss.item()  # diffusers' example logs the loss every step: one sync per step
-            return step, batch
-
-        to_channels_last(unet)
-        optimizer = make_adamw(unet.parameters(), cfg.learning_rate, betas, cfg.weight_decay,
-                               device)
-        forward = maybe_compile(unet, enabled=compiled, mode=self.args.compile_mode)
-        train_step = FastTrainStep(unet, loss_fn, optimizer, ema=EMA(unet, cfg.ema_decay),
-                                   forward=forward, grad_clip=cfg.grad_clip,
-                                   autocast_dtype=torch.bfloat16)
-        return (lambda: train_step(cache, draw())), batch
-
-    def _vae_parts(self, fast: bool):
-        """Autoencoder, discriminator, LPIPS and the loss, as training/train_vae.py builds them."""
-        import torch
-
-        from .fast import make_adamw, to_channels_last
-        from .losses.autoencoder import AutoencoderLoss
-        from .models.discriminator import PatchDiscriminator
-        from .models.vae import Reconstructor
-
-        cfg = self.vae_config
-        vae = self.build_vae().train()
-        disc = PatchDiscriminator(3, cfg.disc_channels, cfg.disc_layers).to(self.device)
-        perceptual = self.build_perceptual()
         if fast:
-            for module in (vae, disc, perceptual):
-                to_channels_last(module)
-            opt_g = make_adamw(vae.parameters(), cfg.learning_rate, (0.5, 0.9), 0.0, self.device)
-            opt_d = make_adamw(disc.parameters(), cfg.learning_rate, (0.5, 0.9), 0.0, self.device)
-        else:
-            opt_g = torch.optim.Adam(vae.parameters(), lr=cfg.learning_rate, betas=(0.5, 0.9))
-            opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.learning_rate, betas=(0.5, 0.9))
-        loss_fn = AutoencoderLoss(cfg, perceptual, disc)
-        return vae, Reconstructor(vae), loss_fn, opt_g, opt_d
+            # the trainer's own step: stage2.build makes what training/train_unet.py runs
+            # (fused AdamW, LR schedule, clipping, EMA, non-finite guard), in bf16 autocast
+            self.seed()
+            parts = stage2.build(None, cfg, self.latent_shape, compile=compiled,
+                                 compile_mode=self.args.compile_mode, device=device)
+            return (lambda: parts.step(cache, draw())), batch
 
-    def _generator_loss(self, vae, recon, loss_fn, x, autocast_dtype):
-        """The autoencoder's loss with the discriminator active (adaptive weight included)."""
-        from .fast import autocast
-        from .models.vae import decoder_last_layer
-
-        with autocast(self.device, autocast_dtype):
-            x_hat, mean, logvar, vq_loss = recon(x)
-            loss, _ = loss_fn.generator_loss(
-                x, x_hat, self.vae_config.disc_start, decoder_last_layer(vae),
-                posterior=None if mean is None else (mean, logvar), vq_loss=vq_loss)
-        return loss, x_hat
-
-    def _discriminator_loss(self, loss_fn, x, x_hat, autocast_dtype):
-        from .fast import autocast
-
-        with autocast(self.device, autocast_dtype):
-            return loss_fn.discriminator_loss(x, x_hat, self.vae_config.disc_start)[0]
-
-    def train_vae(self, fast: bool, compiled: bool, batch: int):
-        # Not compiled: the adaptive weight differentiates twice through a retained graph, and
-        # DESIGN.md measured only 155 -> 176 img/s from bf16 for this step, so compiling would
-        # add minutes of warm-up to the run for an uncertain gain.
-        import torch
-
-        vae, recon, loss_fn, opt_g, opt_d = self._vae_parts(fast)
-        x = self.images(batch)
-        dtype = torch.bfloat16 if fast else None
+        # the baseline: diffusers' example training loop (fp32 eager, torch.optim defaults, the
+        # loss read back every step), the same UNet, loss and data
+        unet = self.build_unet().train()
+        loss_fn = DiffusionLoss(build_train_scheduler(cfg).alphas_cumprod, cfg.prediction_type,
+                                cfg.snr_gamma).to(device)
+        optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.learning_rate,
+                                      betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                      weight_decay=cfg.weight_decay)
+        ema = EMA(unet, cfg.ema_decay)
 
         def step():
-            # the order of training/train_vae.py: autoencoder update, then discriminator update
-            loss, x_hat = self._generator_loss(vae, recon, loss_fn, x, dtype)
+            b = draw()
+            z = cache.sample(b["indices"], noise=b["latent_noise"])
+            loss, _ = loss_fn(unet, z, b["noise"], b["timesteps"])
             loss.backward()
-            opt_g.step()
-            opt_g.zero_grad(set_to_none=True)
-            self._discriminator_loss(loss_fn, x, x_hat, dtype).backward()
-            opt_d.step()
-            opt_d.zero_grad(set_to_none=True)
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            ema.update(unet)
+            loss.item()  # diffusers' example logs the loss every step: one sync per step
         return step, batch
+
+    def _vae_step(self, fast: bool):
+        """The trainer's own stage-1 step (stage1.build: the autoencoder's and the
+        discriminator's updates, adaptive weight, guard, clipping, fused Adam), in bf16
+        autocast when ``fast``, else fp32."""
+        import torch
+
+        from .train import stage1
+
+        self.seed()
+        return stage1.build(None, self.vae_config, device=self.device,
+                            autocast_dtype=torch.bfloat16 if fast else None,
+                            perceptual=self.build_perceptual()).step
+
+    def train_vae(self, fast: bool, compiled: bool, batch: int):
+        # Not compiled: the adaptive weight differentiates twice through a retained graph.
+        step = self._vae_step(fast)
+        x = self.images(batch)
+        # the discriminator forced active: the step as it runs for most of a real run
+        return (lambda: step(x, self.vae_config.disc_start)), batch
 
     def encode(self, fast: bool, compiled: bool, batch: int):
         import torch
 
-        from .fast import autocast, maybe_compile, to_channels_last
+        from .speed import autocast, maybe_compile, to_channels_last
 
         vae = self.build_vae().eval().requires_grad_(False)
         encoder = _encoder(vae)
@@ -482,7 +440,7 @@ class Bench:
 
         from pipelines.pipeline_face_ldm import FaceLDMPipeline
 
-        from .fast import maybe_compile, to_channels_last
+        from .speed import maybe_compile, to_channels_last
         from .models.unet import build_sample_scheduler
 
         unet = self.build_unet().eval().requires_grad_(False)
@@ -529,14 +487,9 @@ class Bench:
             del unet, held
         if {"train-vae", "encode", "sample"} & set(tasks):
             if "train-vae" in tasks:
-                vae, recon, loss_fn, _, _ = self._vae_parts(fast=False)
-                x = self.images(1)
-
-                def vae_step():
-                    loss, x_hat = self._generator_loss(vae, recon, loss_fn, x, None)
-                    loss.backward()
-                    self._discriminator_loss(loss_fn, x, x_hat, None).backward()
-                out["vae_train_step"] = count_flops(vae_step) / 1e9
+                step, x = self._vae_step(fast=False), self.images(1)
+                out["vae_train_step"] = count_flops(
+                    lambda: step(x, self.vae_config.disc_start)) / 1e9
             vae = self.build_vae().eval()
             with torch.no_grad():
                 x = self.images(1)
@@ -659,18 +612,6 @@ def _versions() -> dict:
             "accelerate": accelerate.__version__, "python": platform.python_version()}
 
 
-def _pick_device(name: str):
-    import torch
-
-    from .cli_common import UsageError
-
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is visible to PyTorch")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
 def _annotate(result: dict, report: dict) -> None:
     """Add FLOP rate, fraction of peak and speed-up over the baseline to one result."""
     ips = result.get("images_per_s")
@@ -701,11 +642,12 @@ def run(args) -> int:
     import torch
 
     from .cli_common import UsageError
+    from .sampling import pick_device
 
     if args.steps < 1 or args.warmup < 0 or args.sample_steps < 1 or args.vae_batch_size < 1:
         raise UsageError("--steps, --sample-steps and --vae-batch-size must be >= 1, --warmup >= 0")
     start = time.perf_counter()
-    device = _pick_device(args.device)
+    device = pick_device(args.device)
     bench = Bench(args, device)
     report = {
         "preset": args.preset, "device": _device_info(device), "versions": _versions(),

@@ -16,9 +16,9 @@ import sys
 from pathlib import Path
 
 from .cli_common import UsageError, run_main
+from .config import PERCEPTUAL_CHOICES
+from .sampling import DTYPES, SAMPLERS
 
-SAMPLERS = ("ddim", "ddpm", "dpm++", "euler")
-DTYPES = ("fp32", "bf16", "fp16")
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -54,6 +54,7 @@ def _reconstruct(args) -> int:
                                        reconstruction_metrics)
     from .losses.perceptual import PerceptualWeightsError, build_perceptual
     from .models.vae import Reconstructor, load_vae
+    from .sampling import pick_device
     from .visual import save_grid
 
     if args.batch_size <= 0 or (args.num is not None and args.num <= 0):
@@ -126,6 +127,7 @@ def _cache_latents(args) -> int:
 
     from .data.latents import build_latent_cache, split_for_vae
     from .models.vae import load_vae
+    from .sampling import pick_device
 
     device = pick_device(args.device)
     vae = load_vae(args.vae).eval()
@@ -141,71 +143,14 @@ def _cache_latents(args) -> int:
 # ---------------------------------------------------------------------------------------------
 # sample
 
-def pick_device(name: str):
-    import torch
-
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def make_scheduler(name: str, config):
-    """A scheduler of kind ``name`` built from an exported pipeline's scheduler config."""
-    from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
-                           EulerDiscreteScheduler)
-
-    if name == "ddim":
-        return DDIMScheduler.from_config(config)
-    if name == "ddpm":
-        return DDPMScheduler.from_config(config, variance_type="fixed_small")
-    if name == "dpm++":
-        # DPM-Solver++ (Lu et al. 2022); order 3 suits unconditional sampling.
-        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++",
-                                                       solver_order=3)
-    if name == "euler":
-        return EulerDiscreteScheduler.from_config(config)
-    raise UsageError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
-
-
-def load_pipeline(model: str, sampler: str = "ddim", dtype: str = "fp32", device="cpu"):
-    """Load an exported FaceLDMPipeline folder with the chosen sampler, dtype and device."""
-    import torch
-
-    from pipelines.pipeline_face_ldm import FaceLDMPipeline
-
-    from .export import recover_dir
-
-    path = Path(model)
-    recover_dir(path)  # an export killed between its two renames left only MODEL.old
-    if not (path / "model_index.json").is_file():
-        raise UsageError(f"{model} is not an exported pipeline folder (no model_index.json); "
-                         "pass the 'pipeline' folder written by training/train_unet.py")
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    try:
-        pipe = FaceLDMPipeline.from_pretrained(path, use_safetensors=True)
-    except OSError as exc:
-        raise UsageError(f"{model}: {exc} (pickled weights are refused: they can run code when "
-                         "loaded)") from None
-    pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
-    # The VAE decodes in fp32 unless bf16 was asked for (fp16 VAEs overflow).
-    vae_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
-    for module, want in ((pipe.unet, torch_dtype), (pipe.vae, vae_dtype)):
-        # Cast only when needed: diffusers warns on every .to(dtype), even a no-op one.
-        module.to(device=device, **({"dtype": want} if module.dtype != want else {}))
-    return pipe
-
-
 def _sample(args) -> int:
     import torch
     from PIL import Image
     from tqdm.auto import tqdm
 
-    from .fast import (channels_last_wanted, compile_wanted, enable_tf32, maybe_compile,
-                       to_channels_last)
+    from .sampling import load_pipeline, pick_device, sample_images
+    from .speed import (channels_last_wanted, compile_wanted, enable_tf32, maybe_compile,
+                        to_channels_last)
     from .visual import save_grid
 
     if args.num <= 0:
@@ -230,24 +175,14 @@ def _sample(args) -> int:
     written = []
     desc = f"sampling ({args.sampler}, {args.steps} steps, {device}, {dtype}" + \
         (", compiled)" if compiled else ")")
-    with tqdm(total=args.num, desc=desc, unit="img", disable=args.no_progress) as bar:
-        for start in range(0, args.num, args.batch_size):
-            n = min(args.batch_size, args.num - start)
-            # One generator per image, seeded by (seed, index): image i is the same whatever
-            # the batch size.
-            gens = [torch.Generator("cpu").manual_seed(args.seed * 1_000_003 + start + i)
-                    for i in range(args.batch_size if compiled else n)]
-            latents = torch.stack([torch.randn(pipe.unet.config.in_channels,
-                                               pipe.unet.config.sample_size,
-                                               pipe.unet.config.sample_size, generator=g)
-                                   for g in gens])
-            images = pipe(batch_size=len(gens), num_inference_steps=args.steps, generator=gens,
-                          eta=args.eta, latents=latents, output_type="np").images
-            for i, image in enumerate(images[:n]):
-                path = out / f"seed{args.seed}_{start + i:06d}.png"
-                Image.fromarray((image * 255).round().astype("uint8")).save(path)
-                written.append(path)
-            bar.update(n)
+    for start, images in sample_images(pipe, args.num, seed=args.seed, steps=args.steps,
+                                       eta=args.eta, batch_size=args.batch_size,
+                                       fixed_batch=compiled, progress=not args.no_progress,
+                                       desc=desc):
+        for i, image in enumerate(images):
+            path = out / f"seed{args.seed}_{start + i:06d}.png"
+            Image.fromarray(image).save(path)
+            written.append(path)
     # Beside the folder, not in it: the folder then holds only samples (for evaluate calc).
     grid = Path(args.grid) if args.grid else out.with_name(out.name + "_grid.png")
     import numpy as np
@@ -291,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="use the training split, not held-out")
     p.add_argument("--batch-size", type=int, default=32, help="images per batch")
     p.add_argument("--perceptual", default="auto",
-                   choices=("auto", "lpips-vgg", "lpips-alex", "lpips-vgg-random-trunk", "none"),
+                   choices=("auto", *PERCEPTUAL_CHOICES),
                    help="LPIPS variant to report; auto: VGG LPIPS if its trunk is on disk")
     p.add_argument("--lpips-trunk", default=None, help="torchvision ImageNet weights file")
     p.add_argument("--no-rfid", action="store_true",
@@ -339,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "FFHQ_LDM_COMPILE=0/1 also decides)")
     p.add_argument("--compile-mode", default=None,
                    help="torch.compile mode; reduce-overhead replays the UNet as CUDA graphs "
-                        "(DESIGN.md measured +3%% at batch 256)")
+                        "(+3%% at batch 256 in the reference figures of docs/design.md)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--grid", default=None, help="grid PNG path (default: OUT_grid.png beside OUT)")

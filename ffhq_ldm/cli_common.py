@@ -1,26 +1,34 @@
-"""What the training scripts and the ``ffhq-ldm`` CLI share: options, errors, exit codes."""
+"""What the training scripts and the ``ffhq-ldm`` CLI share: user errors and their exit code."""
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from .config import ConfigError, add_config_arguments, preset_names
+from .config import ConfigError
 
 
 class UsageError(ValueError):
     """Bad input from the user: reported in one line, exit code 2."""
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean "your input is wrong", not "the program is broken"."""
-    from .data.images import DataError
-    from .data.latents import CacheMismatchError
-    from .losses.perceptual import PerceptualWeightsError
-    from .models.vae import VAELoadError
+# User-error classes of modules that may or may not have been imported: (module, class name).
+_USER_ERRORS = (("ffhq_ldm.data.images", "DataError"),
+                ("ffhq_ldm.data.latents", "CacheMismatchError"),
+                ("ffhq_ldm.losses.perceptual", "PerceptualWeightsError"),
+                ("ffhq_ldm.models.vae", "VAELoadError"))
 
-    return (UsageError, ConfigError, DataError, CacheMismatchError, PerceptualWeightsError,
-            VAELoadError, FileNotFoundError)
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "your input is wrong", not "the program is broken".
+
+    Only the modules already imported can have raised theirs, so none is imported here: a
+    bad option is reported without loading torch.
+    """
+    found = [UsageError, ConfigError, FileNotFoundError]
+    for module, name in _USER_ERRORS:
+        if module in sys.modules:
+            found.append(getattr(sys.modules[module], name))
+    return tuple(found)
 
 
 def run_main(main, argv=None) -> int:
@@ -33,23 +41,3 @@ def run_main(main, argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-
-
-def training_parser(description: str, config_cls) -> argparse.ArgumentParser:
-    """The options both trainers share, named the same way, plus every config field."""
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--preset", default="ffhq128-f4", metavar="NAME",
-                        help=f"configuration preset: {', '.join(preset_names())}")
-    parser.add_argument("--data", required=True,
-                        help="image folder (recursive; png/jpg/webp), or hf:NAME[:SPLIT], or "
-                             "hf:imagefolder:PATH for a HuggingFace datasets dataset")
-    parser.add_argument("--output-dir", required=True, help="where the run writes everything")
-    parser.add_argument("--resume", default="auto",
-                        help="'auto': continue from the latest checkpoint in --output-dir if there "
-                             "is one; 'none': start fresh; or a checkpoint folder")
-    parser.add_argument("--log-with", default="tensorboard",
-                        help="accelerate tracker(s): tensorboard, wandb, ... or 'none'")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    add_config_arguments(parser, config_cls)
-    return parser

@@ -21,6 +21,12 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 
+def mix_seed(seed: int, index: int) -> int:
+    """The one rule that derives a seed from a run's seed and an index (an epoch, a step, an
+    image): distinct indices of one seed never collide, and neighbouring seeds stay apart."""
+    return int(seed) * 1_000_003 + int(index)
+
+
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message says what to change."""
 
@@ -48,6 +54,8 @@ class VAEConfig:
     disc_channels: int = 64
     # optimisation
     learning_rate: float = 4.5e-6 * 16  # LDM: 4.5e-6 per sample of batch
+    adam_beta1: float = 0.5  # LDM/taming: Adam betas (0.5, 0.9) for autoencoder and discriminator
+    adam_beta2: float = 0.9
     batch_size: int = 16
     max_steps: int = 200_000
     grad_clip: float = 0.0  # 0 disables; LDM does not clip the autoencoder
@@ -85,6 +93,8 @@ class VAEConfig:
 
 BETA_SCHEDULES = ("scaled_linear", "linear", "cosine")
 PERCEPTUAL_CHOICES = ("lpips-vgg", "lpips-alex", "lpips-vgg-random-trunk", "none")
+# What to do with images smaller than the training resolution.
+SMALL_IMAGE_POLICIES = ("upscale", "skip")
 
 
 @dataclass(frozen=True)

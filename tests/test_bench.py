@@ -1,4 +1,4 @@
-"""ffhq_ldm.fast against the plain training path, and `ffhq-ldm bench` end to end on a CPU.
+"""ffhq_ldm.speed and the UNet train step against the plain training path, and `ffhq-ldm bench` end to end on a CPU.
 
 The plain path is written out here from its definitions (the forward process, the MSE, the
 reference AdamW without foreach), so the fast path is checked against an independent
@@ -13,11 +13,12 @@ import torch
 
 from ffhq_ldm.config import get_preset
 from ffhq_ldm.data.latents import LatentCache
-from ffhq_ldm.fast import (FastTrainStep, compile_wanted, make_adamw, maybe_compile,
+from ffhq_ldm.train.steps import UNetTrainStep
+from ffhq_ldm.speed import (compile_wanted, maybe_compile,
                            to_channels_last)
 from ffhq_ldm.losses.diffusion import DiffusionLoss, draw_global_batch
 from ffhq_ldm.models.unet import build_train_scheduler, build_unet
-from ffhq_ldm.train_utils import EMA
+from ffhq_ldm.train.ema import EMA
 
 LATENT = (4, 8, 8)
 
@@ -83,8 +84,8 @@ def test_fast_step_loss_matches_the_fp32_formula_within_bf16_tolerance():
 
     unet = tiny_unet()
     to_channels_last(unet)
-    step = FastTrainStep(unet, DiffusionLoss(alphas_cumprod()),
-                         make_adamw(unet.parameters(), 1e-3, device="cpu"),
+    step = UNetTrainStep(unet, DiffusionLoss(alphas_cumprod()),
+                         torch.optim.AdamW(unet.parameters(), lr=1e-3, foreach=True),
                          ema=EMA(unet, 0.99), autocast_dtype=torch.bfloat16)
     loss, logs, _, skipped = step(cache, batch(0))
     assert loss.device.type == "cpu" and not loss.requires_grad  # detached, never .item()'d
@@ -114,13 +115,13 @@ def test_channels_last_and_foreach_adamw_give_the_plain_weights_after_two_steps(
         d = min(decay, (1 + i + 1) / (10 + i + 1))  # LDM's EMA warm-up, update m = i + 1
         shadow = [d * s + (1 - d) * p.detach() for s, p in zip(shadow, plain.parameters())]
 
-    # fast: channels_last weights, foreach AdamW, FastTrainStep in fp32
+    # fast: channels_last weights, foreach AdamW, UNetTrainStep in fp32
     fast = to_channels_last(tiny_unet())
     assert fast.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
-    optimizer = make_adamw(fast.parameters(), lr, betas, wd, device="cpu")
-    assert optimizer.defaults["foreach"] is True and not optimizer.defaults["fused"]
+    optimizer = torch.optim.AdamW(fast.parameters(), lr=lr, betas=betas, weight_decay=wd,
+                                  foreach=True)
     ema = EMA(fast, decay)
-    step = FastTrainStep(fast, DiffusionLoss(alphas_cumprod()), optimizer, ema=ema,
+    step = UNetTrainStep(fast, DiffusionLoss(alphas_cumprod()), optimizer, ema=ema,
                          grad_clip=clip, autocast_dtype=None)
     for i in range(2):
         step(cache, batch(i))
@@ -133,12 +134,10 @@ def test_channels_last_and_foreach_adamw_give_the_plain_weights_after_two_steps(
 
 
 def _guard():
-    """The trainers' non-finite guard in its sync-free mode, if this checkout has it."""
-    from ffhq_ldm import train_utils
+    """The trainers' non-finite guard in its sync-free mode."""
+    from ffhq_ldm.train.resilience import NonFiniteGuard
 
-    if not hasattr(train_utils, "NonFiniteGuard"):
-        pytest.skip("train_utils.NonFiniteGuard is not in this checkout")
-    return train_utils.NonFiniteGuard(3, "cpu", deferred=True)
+    return NonFiniteGuard(3, "cpu", deferred=True)
 
 
 @pytest.mark.parametrize("with_guard", [False, True], ids=["plain", "guard"])
@@ -146,9 +145,9 @@ def test_fast_step_never_reads_a_tensor_back_to_the_host(monkeypatch, with_guard
     # On a GPU each of these waits for every queued kernel. A CPU has no sync to catch, so
     # catch the Python-level reads instead (the bench counts real CUDA syncs on a GPU).
     unet = to_channels_last(tiny_unet())
-    # the fused kernel, as make_adamw picks on CUDA; foreach/for-loop AdamW read a CPU step count
+    # the fused kernel, as the trainers pick; foreach/for-loop AdamW read a CPU step count
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3, fused=True)
-    step = FastTrainStep(unet, DiffusionLoss(alphas_cumprod()), optimizer, ema=EMA(unet, 0.99),
+    step = UNetTrainStep(unet, DiffusionLoss(alphas_cumprod()), optimizer, ema=EMA(unet, 0.99),
                          lr_scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
                          guard=_guard() if with_guard else None)
     cache, b = random_cache(), batch(0)
@@ -168,7 +167,7 @@ def test_a_non_finite_loss_skips_the_update_with_the_guard():
     before = [p.detach().clone() for p in unet.parameters()]
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3, fused=True)
     ema = EMA(unet, 0.99)
-    step = FastTrainStep(unet, DiffusionLoss(alphas_cumprod()), optimizer, ema=ema,
+    step = UNetTrainStep(unet, DiffusionLoss(alphas_cumprod()), optimizer, ema=ema,
                          guard=_guard(), autocast_dtype=None)
     cache = random_cache()
     cache.mean[0] = float("nan")
@@ -189,8 +188,8 @@ def test_two_micro_batches_make_the_step_of_their_union():
     results = []
     for parts in ([whole], [slice_for(whole, 2, r, 0, 1) for r in range(2)]):
         unet = tiny_unet()
-        step = FastTrainStep(unet, DiffusionLoss(alphas_cumprod()),
-                             make_adamw(unet.parameters(), 1e-3), grad_clip=1.0,
+        step = UNetTrainStep(unet, DiffusionLoss(alphas_cumprod()),
+                             torch.optim.AdamW(unet.parameters(), lr=1e-3), grad_clip=1.0,
                              autocast_dtype=None)
         result = step(cache, parts)
         results.append((result.loss, result.grad_norm, list(unet.named_parameters())))
@@ -203,9 +202,9 @@ def test_two_micro_batches_make_the_step_of_their_union():
 
 def test_fast_step_with_an_lr_schedule_steps_it_once_per_call():
     unet = tiny_unet()
-    optimizer = make_adamw(unet.parameters(), 1e-3)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 4))
-    step = FastTrainStep(unet, DiffusionLoss(alphas_cumprod()), optimizer,
+    step = UNetTrainStep(unet, DiffusionLoss(alphas_cumprod()), optimizer,
                          lr_scheduler=schedule, autocast_dtype=None)
     step(random_cache(), batch(0))
     assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 2 / 4)
@@ -239,7 +238,7 @@ def test_maybe_compile_is_off_on_cpu_and_keeps_the_module_for_state_dict(monkeyp
 
 
 def test_reloaded_moments_get_the_channels_last_layout_back():
-    from ffhq_ldm.fast import match_state_layout
+    from ffhq_ldm.speed import match_state_layout
 
     def one_more_step(kind, fix):
         torch.manual_seed(0)
@@ -266,13 +265,6 @@ def test_reloaded_moments_get_the_channels_last_layout_back():
     assert torch.allclose(one_more_step("fused", fix=True), reference, atol=1e-6)
     # the hazard the helper exists for: fused AdamW pairs weights with the wrong moments
     assert not torch.allclose(one_more_step("fused", fix=False), reference, atol=1e-4)
-
-
-def test_make_adamw_takes_parameter_groups():
-    unet = tiny_unet()
-    groups = [{"params": [unet.conv_in.weight]}, {"params": [unet.conv_out.weight], "lr": 0.5}]
-    optimizer = make_adamw(groups, 1e-3)
-    assert [g["lr"] for g in optimizer.param_groups] == [1e-3, 0.5]
 
 
 def test_flop_counter_sees_attention_on_cpu():
@@ -356,7 +348,7 @@ def test_the_compiled_unet_trainer_matches_the_eager_one_without_recompiling(
     import torch._dynamo
 
     from conftest import load_script
-    from ffhq_ldm.export import export_vae
+    from ffhq_ldm.train.export import export_vae
     from ffhq_ldm.models.vae import build_vae
 
     torch.manual_seed(0)

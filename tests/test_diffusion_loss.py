@@ -1,5 +1,5 @@
 """Tests for the DDPM objective (ffhq_ldm.losses.diffusion), the preset noise schedule, the EMA
-(ffhq_ldm.train_utils.EMA) and the layout-independent batch drawing.
+(ffhq_ldm.train.ema.EMA) and the layout-independent batch drawing.
 
 Expected values come from outside the code under test: the schedule is rebuilt here in float64
 numpy from DESIGN.md's formula, the forward process / v / min-SNR formulas are written out
@@ -22,7 +22,7 @@ from ffhq_ldm.config import get_preset
 from ffhq_ldm.losses.diffusion import (DiffusionLoss, add_noise, draw_global_batch,
                                        min_snr_weights, slice_for, v_target)
 from ffhq_ldm.models.unet import build_train_scheduler
-from ffhq_ldm.train_utils import EMA
+from ffhq_ldm.train.ema import EMA
 
 T = 1000
 F32_EPS = float(np.finfo(np.float32).eps)  # 1.19e-7

@@ -48,7 +48,7 @@ import accelerate.data_loader
 import torch
 from safetensors.torch import save_file
 
-from ffhq_ldm import train_utils
+from ffhq_ldm.train import ema as train_ema
 
 script, dump, argv = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
 modules, initial, emas, batches = [], [], [], []
@@ -70,7 +70,7 @@ def prepare(self, *objects, **kwargs):
 
 
 # ... every EMA it creates ...
-_ema_init = train_utils.EMA.__init__
+_ema_init = train_ema.EMA.__init__
 
 
 def ema_init(self, *args, **kwargs):
@@ -92,7 +92,7 @@ def iterate(self):
 
 
 accelerate.Accelerator.prepare = prepare
-train_utils.EMA.__init__ = ema_init
+train_ema.EMA.__init__ = ema_init
 accelerate.data_loader.DataLoaderShard.__iter__ = iterate
 
 spec = importlib.util.spec_from_file_location("script_under_test", script)
@@ -181,7 +181,7 @@ def harness(tmp_path_factory):
 def tiny_vae(faces32, tmp_path_factory):
     """An untrained tiny autoencoder export: stage 2 only needs a fixed encoder."""
     from ffhq_ldm.config import get_preset
-    from ffhq_ldm.export import export_vae
+    from ffhq_ldm.train.export import export_vae
     from ffhq_ldm.models.vae import build_vae
 
     torch.manual_seed(0)
@@ -223,7 +223,7 @@ def test_unet_ranks_hold_identical_weights(unet_runs):
     # A launch that silently fell back to 1 process per rank would say 1 here.
     assert run_config["num_processes"] == 2 and run_config["global_batch"] == 16
     rank0, rank1 = ranks(unet_runs / "dump_two", 2)
-    assert group(rank0, "ema/"), "no train_utils.EMA was created"
+    assert group(rank0, "ema/"), "no train_ema.EMA was created"
     assert rank0.keys() == rank1.keys()
     different = [k for k in rank0 if not torch.equal(rank0[k], rank1[k])]
     assert not different, f"ranks differ in {different[:5]}"

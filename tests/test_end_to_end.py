@@ -100,7 +100,7 @@ def test_compiled_sampling_keeps_one_batch_shape_and_the_same_images(trained, tm
     the padding's images are dropped; the images are the uncompiled ones."""
     import torch._dynamo
 
-    from ffhq_ldm import fast
+    from ffhq_ldm import speed as fast
 
     calls = []
     real = fast.maybe_compile

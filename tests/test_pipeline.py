@@ -26,9 +26,9 @@ import torch
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
                        EulerDiscreteScheduler, VQModel)
 
-from ffhq_ldm.cli import make_scheduler
+from ffhq_ldm.sampling import make_scheduler
 from ffhq_ldm.config import get_preset
-from ffhq_ldm.export import export_pipeline
+from ffhq_ldm.train.export import export_pipeline
 from ffhq_ldm.models.unet import build_sample_scheduler, build_unet
 from ffhq_ldm.models.vae import VAELoadError, build_vae, load_vae
 from pipelines import FaceLDMPipeline

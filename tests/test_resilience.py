@@ -24,9 +24,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import ROOT, load_script
-from ffhq_ldm import checkpoints, train_utils
+from ffhq_ldm.train import checkpoints, ema, resilience
 from ffhq_ldm.cli_common import run_main
-from ffhq_ldm.train_utils import EXIT_PREEMPTED, TEST_SIGNAL_ENV
+from ffhq_ldm.train.resilience import EXIT_PREEMPTED, TEST_SIGNAL_ENV
 
 COMMON = ["--preset", "tiny", "--no-progress", "--log-with", "none"]
 UNET_STEPS, UNET_EVERY = 16, 8
@@ -69,7 +69,7 @@ def steps_logged(out: Path) -> list:
 @pytest.fixture(scope="module")
 def tiny_vae(tmp_path_factory):
     from ffhq_ldm.config import get_preset
-    from ffhq_ldm.export import export_vae
+    from ffhq_ldm.train.export import export_vae
     from ffhq_ldm.models.vae import build_vae
 
     torch.manual_seed(0)
@@ -265,18 +265,20 @@ class _PoisonedLoss:
         return (loss * float("nan") if self.bad(self.calls) else loss), logs
 
 
-def _poisoned_unet_script(bad):
-    module = load_script("train_unet")
-    real_cls = module.DiffusionLoss
-    module.DiffusionLoss = lambda *a, **k: _PoisonedLoss(bad, real_cls(*a, **k))
-    return module
+def _poisoned_unet_script(bad, monkeypatch):
+    from ffhq_ldm.train import stage2
+
+    real_cls = stage2.DiffusionLoss
+    monkeypatch.setattr(stage2, "DiffusionLoss",
+                        lambda *a, **k: _PoisonedLoss(bad, real_cls(*a, **k)))
+    return load_script("train_unet")
 
 
 def test_a_nan_batch_skips_its_update_and_the_run_finishes(unet_reference, faces32, tiny_vae,
-                                                           tmp_path, capsys):
+                                                           tmp_path, capsys, monkeypatch):
     _, cache = unet_reference
     out = tmp_path / "run"
-    script = _poisoned_unet_script(lambda n: n == 3)
+    script = _poisoned_unet_script(lambda n: n == 3, monkeypatch)
     assert script.main(unet_args(faces32, tiny_vae, out, cache)) == 0
     lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [line["nonfinite_skipped"] for line in lines] == [0, 0] + [1] * (UNET_STEPS - 2)
@@ -294,10 +296,10 @@ def test_a_nan_batch_skips_its_update_and_the_run_finishes(unet_reference, faces
 
 
 def test_too_many_nonfinite_steps_in_a_row_stop_with_exit_2_keeping_the_good_checkpoint(
-        unet_reference, faces32, tiny_vae, tmp_path, capsys):
+        unet_reference, faces32, tiny_vae, tmp_path, capsys, monkeypatch):
     _, cache = unet_reference
     out = tmp_path / "run"
-    script = _poisoned_unet_script(lambda n: n >= 5)
+    script = _poisoned_unet_script(lambda n: n >= 5, monkeypatch)
     code = run_main(script.main, unet_args(faces32, tiny_vae, out, cache, "--checkpoint-every",
                                            "2", "--max-nonfinite", "3"))
     assert code == 2
@@ -314,8 +316,10 @@ def test_too_many_nonfinite_steps_in_a_row_stop_with_exit_2_keeping_the_good_che
 
 
 def test_vae_skips_a_nan_step_too(faces32, tmp_path, capsys):
+    from ffhq_ldm.losses.autoencoder import AutoencoderLoss
+
     module = load_script("train_vae")
-    real = module.AutoencoderLoss.generator_loss
+    real = AutoencoderLoss.generator_loss
     calls = []
 
     def generator_loss(self, *args, **kwargs):
@@ -323,13 +327,13 @@ def test_vae_skips_a_nan_step_too(faces32, tmp_path, capsys):
         calls.append(1)
         return (loss * float("nan"), logs) if len(calls) == 2 else (loss, logs)
 
-    module.AutoencoderLoss.generator_loss = generator_loss
+    AutoencoderLoss.generator_loss = generator_loss
     try:
         code = module.main([*COMMON, "--data", str(faces32), "--output-dir", str(tmp_path),
                             "--log-every", "1", "--max-steps", "4", "--eval-every", "4",
                             "--checkpoint-every", "4", "--no-rfid"])
     finally:
-        module.AutoencoderLoss.generator_loss = real
+        AutoencoderLoss.generator_loss = real
     assert code == 0
     assert "update(s) skipped" in capsys.readouterr().err
     state = load_file(str(checkpoint(tmp_path, 4) / "optimizer-vae.safetensors"))
@@ -342,7 +346,7 @@ def test_guard_on_the_host_path_with_a_plain_optimizer():
     model = torch.nn.Linear(3, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     messages = []
-    guard = train_utils.NonFiniteGuard(2, "cpu", deferred=False, write=messages.append)
+    guard = resilience.NonFiniteGuard(2, "cpu", deferred=False, write=messages.append)
     before = model.weight.detach().clone()
     loss = model(torch.ones(1, 3)).sum() * float("inf")
     loss.backward()
@@ -358,7 +362,7 @@ def test_guard_on_the_host_path_with_a_plain_optimizer():
 def test_gated_ema_update_matches_the_plain_one_and_a_closed_gate_changes_nothing():
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
-    plain, gated = train_utils.EMA(model, 0.9), train_utils.EMA(model, 0.9)
+    plain, gated = ema.EMA(model, 0.9), ema.EMA(model, 0.9)
     for step in range(4):
         with torch.no_grad():
             model.weight.add_(1.0)
@@ -380,7 +384,7 @@ def test_gated_ema_update_matches_the_plain_one_and_a_closed_gate_changes_nothin
 def test_a_second_sigint_aborts_at_once():
     from accelerate import PartialState
 
-    stop = train_utils.GracefulStop(PartialState())
+    stop = resilience.GracefulStop(PartialState())
     with stop:
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.05)
@@ -479,7 +483,7 @@ def test_a_crafted_pickle_in_a_checkpoint_is_refused_and_never_runs(unet_referen
 
 
 def test_a_crafted_pickle_as_model_weights_is_refused_and_never_runs(unet_reference, tmp_path):
-    from ffhq_ldm.cli import load_pipeline
+    from ffhq_ldm.sampling import load_pipeline
     from ffhq_ldm.models.vae import VAELoadError, load_vae
 
     reference, _ = unet_reference
@@ -540,7 +544,8 @@ def test_channels_last_autoencoder_trains_exports_and_resumes_exactly(faces32, t
 def test_an_export_killed_between_its_two_renames_is_put_back(tmp_path, monkeypatch):
     """replace_dir moves the old folder aside, then the new one in: a kill in between leaves
     only vae.old. The loaders and the trainers' start-up put it back; the next export works."""
-    from ffhq_ldm import export
+    from ffhq_ldm import io as durable
+    from ffhq_ldm.train import export
     from ffhq_ldm.config import get_preset
     from ffhq_ldm.models.vae import build_vae, load_vae
 
@@ -558,10 +563,10 @@ def test_an_export_killed_between_its_two_renames_is_put_back(tmp_path, monkeypa
             raise KeyboardInterrupt  # stands in for SIGKILL: nothing after this line runs
         real_replace(src, dst)
 
-    monkeypatch.setattr(export.os, "replace", killed_at_the_second_rename)
+    monkeypatch.setattr(durable.os, "replace", killed_at_the_second_rename)
     with pytest.raises(KeyboardInterrupt):
         export.export_vae(build_vae(get_preset("tiny", "vae")), out, 2.0, split)
-    monkeypatch.setattr(export.os, "replace", real_replace)
+    monkeypatch.setattr(durable.os, "replace", real_replace)
     assert not out.exists() and (tmp_path / "run" / "vae.old").is_dir()
 
     loaded = load_vae(out)  # puts vae.old back and loads it: the first export, complete

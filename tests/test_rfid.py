@@ -367,7 +367,7 @@ def test_inception_features_run_in_true_fp32_whatever_the_trainer_allowed():
     import torch
 
     from ffhq_ldm.evaluation.features import full_fp32
-    from ffhq_ldm.fast import enable_tf32
+    from ffhq_ldm.speed import enable_tf32
 
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
              torch.get_float32_matmul_precision())

@@ -45,7 +45,7 @@ def test_paper_unet_trains_one_full_size_step_on_cpu(tmp_path):
     """The ffhq128-f4 preset at full size: one step of train_unet.py at batch 1 (about 30 s)."""
     from ffhq_ldm.config import get_preset
     from ffhq_ldm.data.synthetic import generate_faces
-    from ffhq_ldm.export import export_vae
+    from ffhq_ldm.train.export import export_vae
     from ffhq_ldm.models.vae import build_vae
 
     faces = generate_faces(tmp_path / "faces", 4, size=128, progress=False)

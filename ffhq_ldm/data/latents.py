@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from ..models.vae import encode_posterior, fingerprint
 from .images import ImageDataset, items_digest, open_dataset
+from .split import read_split
 
 CACHE_VERSION = 1
 STORE_DTYPE = torch.float16
@@ -93,10 +94,7 @@ def split_for_vae(vae_dir, vae, data: str):
     Stage 2 and the evaluation then never see stage 1's held-out images either. An autoencoder
     exported elsewhere (no split file) holds nothing out.
     """
-    from ..export import read_split
-
-    split = read_split(vae_dir) or {"holdout": 0, "split_seed": 0,
-                                    "resolution": vae.config.sample_size}
+    split = read_split(vae_dir, vae.config.sample_size)
     train, held, key = open_dataset(data, split["resolution"], split["holdout"],
                                     split["split_seed"], split.get("small_images", "upscale"))
     return train, held, key, split["resolution"]

@@ -34,8 +34,8 @@ from pathlib import Path
 
 # Only the standard library at import time: ``ffhq-ldm --help`` registers this command without
 # loading PIL, numpy or torch (``images`` imports torch); the functions import what they use.
+from ..config import SMALL_IMAGE_POLICIES
 
-SMALL_IMAGE_POLICIES = ("upscale", "skip")
 # JPEG files end with the EOI marker; some writers append a few bytes after it (padding,
 # vendor trailers), so it is looked for near the end rather than only at the last 2 bytes.
 JPEG_EOI_WINDOW = 4096

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..config import PERCEPTUAL_CHOICES as LPIPS_CHOICES
 from .errors import EvaluationError
 from .features import InceptionFeatureExtractor, default_batch_size, fingerprint_sha256, get_extractor
 from .images import center_crop_resize, iter_image_batches, list_images, load_images, relative_names, save_images
@@ -26,7 +27,6 @@ from .reference import load_reference, select_subset
 from .report import choose_grid_rows, histogram_image, neighbour_grid, write_report
 from .uniqueness import analyse_space, combine_flags, lpips_space, pixel_vectors
 
-SAMPLERS = ("ddim", "ddpm", "dpm++", "euler")  # as ffhq_ldm.cli.make_scheduler
 
 
 def generate_samples(
@@ -35,14 +35,13 @@ def generate_samples(
 ) -> Tuple[np.ndarray, List[str]]:
     """Sample ``num`` images from an exported FaceLDMPipeline folder; saves PNGs, returns uint8 arrays + names.
 
-    Loading goes through ``ffhq_ldm.cli.load_pipeline`` (``FaceLDMPipeline.from_pretrained`` plus
-    the sampler swap shared with ``ffhq-ldm sample``).  One CPU generator seeded with ``seed``
-    drives all batches, so a run is reproducible for a fixed batch size.
+    Draws through ``ffhq_ldm.sampling.sample_images``, as ``ffhq-ldm sample`` does: image ``i`` of
+    ``seed`` is the same image there and here, whatever the batch size.
     """
     from PIL import Image
 
-    from ffhq_ldm.cli import load_pipeline  # lazy: diffusers import, only for --model
     from ffhq_ldm.cli_common import UsageError
+    from ffhq_ldm.sampling import load_pipeline, sample_images
 
     if num < 1 or steps < 1:
         raise EvaluationError("--num and --steps must be positive")
@@ -51,12 +50,9 @@ def generate_samples(
     except (UsageError, OSError, ValueError) as exc:
         raise EvaluationError(f"cannot load pipeline {model!r}: {exc}") from exc
     pipe.set_progress_bar_config(disable=True)
-    generator = torch.Generator().manual_seed(seed)
     chunks = []
-    for start in tqdm(range(0, num, batch_size), desc=f"sampling ({sampler}, {steps} steps)", unit="batch"):
-        b = min(batch_size, num - start)
-        imgs = pipe(batch_size=b, num_inference_steps=steps, generator=generator, output_type="np").images
-        u8 = np.clip(np.rint(np.asarray(imgs) * 255.0), 0, 255).astype(np.uint8)
+    for _, u8 in sample_images(pipe, num, seed=seed, steps=steps, batch_size=batch_size,
+                               desc=f"sampling ({sampler}, {steps} steps)"):
         if u8.shape[1] != resolution or u8.shape[2] != resolution:
             u8 = np.stack([center_crop_resize(Image.fromarray(a), resolution) for a in u8])
         chunks.append(u8)
@@ -65,7 +61,6 @@ def generate_samples(
     return images, relative_names(paths, out_dir)
 
 
-LPIPS_CHOICES = ("none", "lpips-alex", "lpips-vgg", "lpips-vgg-random-trunk")
 
 
 def build_lpips(kind: str, trunk_path: Optional[str] = None):

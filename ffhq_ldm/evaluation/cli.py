@@ -17,6 +17,8 @@ import json
 import sys
 from typing import List, Optional
 
+from ..config import PERCEPTUAL_CHOICES
+from ..sampling import SAMPLERS
 from .errors import EvaluationError
 
 
@@ -95,7 +97,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     src.add_argument("--model", default=None, help="saved FaceLDMPipeline folder to sample from")
     calc.add_argument("--num", type=int, default=10000, help="images to generate with --model")
     calc.add_argument("--steps", type=int, default=50, help="sampling steps with --model")
-    calc.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm", "dpm++", "euler"),
+    calc.add_argument("--sampler", default="ddim", choices=SAMPLERS,
                       help="sampler with --model")
     calc.add_argument("--seed", type=int, default=0, help="sampling seed; also seeds KID subsets and subsampling")
     calc.add_argument("--ref", required=True, help="reference .npz from 'evaluate ref'")
@@ -116,7 +118,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     calc.add_argument("--max-train", type=int, default=None, help="search a seeded subset of the training images")
     calc.add_argument("--grid-rows", type=int, default=16, help="rows of the neighbourhood picture")
     calc.add_argument("--lpips", default="none",
-                      choices=("none", "lpips-alex", "lpips-vgg", "lpips-vgg-random-trunk"),
+                      choices=PERCEPTUAL_CHOICES,
                       help="also re-rank nearest neighbours by LPIPS (needs the ImageNet trunk weights locally; "
                            "the random-trunk variant is not the real metric)")
     calc.add_argument("--lpips-trunk", default=None, metavar="PATH", help="torchvision trunk weights file for LPIPS")

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from ..config import mix_seed
+
 
 def add_noise(z: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor,
               timesteps: torch.Tensor) -> torch.Tensor:
@@ -77,7 +79,7 @@ def draw_global_batch(seed: int, step: int, global_batch: int, num_entries: int,
     own slice, so a run gives the same result whatever its process layout (2 processes, or 1
     process with 2 accumulation rounds, see ``slice_for``).
     """
-    g = torch.Generator(device=device).manual_seed(int(seed) * 1_000_003 + int(step))
+    g = torch.Generator(device=device).manual_seed(mix_seed(seed, step))
     shape = (global_batch, *latent_shape)
     return {
         "indices": torch.randint(0, num_entries, (global_batch,), generator=g, device=device),

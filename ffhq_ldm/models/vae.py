@@ -96,7 +96,7 @@ def fingerprint(vae) -> str:
 
 def load_vae(path, allow_pickle: bool = False):
     """Load an exported autoencoder folder, with clear errors for anything else."""
-    from ..export import recover_dir
+    from ..io import recover_dir
 
     path = Path(path)
     recover_dir(path)  # an export killed between its two renames left only path.old

@@ -8,57 +8,12 @@ torch and diffusers) and a model card.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
-SPLIT_FILE = "training_data.json"  # inside an exported vae/: how the data was split
+from ..data.split import SPLIT_FILE
+from ..io import replace_dir
 
-
-def fsync_path(path: Path) -> None:
-    """Flush one file, or one directory's entries, to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(path: Path) -> None:
-    """Flush every file under ``path``, then every directory's entries (deepest first, the root
-    last): what a rename into place needs first, or a power cut can leave empty files behind."""
-    items = sorted(path.rglob("*"), key=lambda p: (p.is_dir(), -len(p.parts)))
-    for item in [*items, path]:
-        fsync_path(item)
-
-
-def recover_dir(final: Path) -> bool:
-    """Undo the one state a killed ``replace_dir`` can leave: ``final`` moved aside to
-    ``final.old`` and the new one not yet in place. Puts ``final.old`` back; True if it did."""
-    final = Path(final)
-    old = final.with_name(final.name + ".old")
-    if final.exists() or not old.is_dir():
-        return False
-    os.replace(old, final)
-    return True
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move the complete folder ``tmp`` to ``final``, replacing any previous ``final``.
-
-    Two renames: the old ``final`` aside to ``final.old``, then ``tmp`` in. A process killed
-    between them leaves ``final.old`` alone; ``recover_dir`` (run here, by the trainers when
-    they start and by the loaders) puts it back. ``tmp`` is flushed to disk first, so a power
-    cut cannot leave a renamed folder of empty files.
-    """
-    recover_dir(final)
-    fsync_tree(tmp)
-    old = final.with_name(final.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def export_vae(vae, out_dir: Path, scaling_factor: float, split: dict) -> Path:
@@ -71,11 +26,6 @@ def export_vae(vae, out_dir: Path, scaling_factor: float, split: dict) -> Path:
     (tmp / SPLIT_FILE).write_text(json.dumps(split, indent=2) + "\n")
     replace_dir(tmp, out_dir)
     return out_dir
-
-
-def read_split(vae_dir: Path) -> dict | None:
-    path = Path(vae_dir) / SPLIT_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def pipeline_source() -> Path:

@@ -8,7 +8,7 @@ must never run code when it is loaded.
 - ``<model>.safetensors`` for each model (``save_model`` of the unwrapped module);
 - ``optimizer-<name>.safetensors`` for each optimizer: its state tensors, with the parameter
   groups and non-tensor state as JSON in the file's metadata (``save_optimizer``);
-- ``ema.safetensors`` when the run keeps an EMA (``train_utils.EMA.save``);
+- ``ema.safetensors`` when the run keeps an EMA (``ema.EMA.save``);
 - ``rng-<rank>.safetensors`` for every process: its torch (CPU and its own accelerator)
   generator states, with Python's and NumPy's as JSON in the metadata (``capture_rng``);
 - ``trainer_state.json``: step counters and the rest of the trainer's state, the run's config,
@@ -50,12 +50,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from .cli_common import UsageError
-from .export import fsync_path, fsync_tree, recover_dir
-from .fast import match_state_layout
+from ..cli_common import UsageError
+from ..io import fsync_path, fsync_tree, recover_dir
+from ..speed import match_state_layout
 
-if TYPE_CHECKING:  # annotations only: train_utils imports this module, not the other way round
-    from .train_utils import EMA
+if TYPE_CHECKING:  # annotations only
+    from .ema import EMA
 
 CHECKPOINT_PREFIX = "step-"
 CHECKPOINT_FORMAT = 2  # 1 was accelerate's save_state folder (pickled optimizer/scheduler/RNG)
@@ -321,7 +321,7 @@ def check_resumable(state: dict, path: Path, trainer: str, config_cls, config, r
     """
     from dataclasses import fields
 
-    from .config import ConfigError, config_from_dict, to_dict
+    from ..config import ConfigError, config_from_dict, to_dict
 
     if state.get("trainer") != trainer:
         raise CheckpointError(f"{path} is a checkpoint of {state.get('trainer')!r}, not of "

@@ -1,0 +1,119 @@
+"""The one sampling road: load an exported pipeline, pick its sampler, draw images.
+
+``ffhq-ldm sample``, ``ffhq-ldm evaluate calc --model``, the UNet trainer's previews and
+``ffhq-ldm bench`` all draw through ``sample_images``. Image ``i`` of a seed starts from its own
+noise, drawn by a CPU generator seeded with ``mix_seed(seed, i)``, so it is the same image
+whatever the batch size, the device or the command that drew it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from .cli_common import UsageError
+from .config import mix_seed
+
+# Samplers by name: DDIM is the paper's (LDM's settings live in the exported scheduler config).
+SAMPLERS = ("ddim", "ddpm", "dpm++", "euler")
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+def pick_device(name: str):
+    """``auto``: CUDA, else Apple's MPS, else the CPU; any other name as torch spells it."""
+    import torch
+
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA device is visible to PyTorch")
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def make_scheduler(name: str, config):
+    """A scheduler of kind ``name`` built from an exported pipeline's scheduler config."""
+    from diffusers import (
+        DDIMScheduler,
+        DDPMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerDiscreteScheduler,
+    )
+
+    if name == "ddim":
+        return DDIMScheduler.from_config(config)
+    if name == "ddpm":
+        return DDPMScheduler.from_config(config, variance_type="fixed_small")
+    if name == "dpm++":
+        # DPM-Solver++ (Lu et al. 2022); order 3 suits unconditional sampling.
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++",
+                                                       solver_order=3)
+    if name == "euler":
+        return EulerDiscreteScheduler.from_config(config)
+    raise UsageError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+
+
+def load_pipeline(model: str, sampler: str = "ddim", dtype: str = "fp32", device="cpu"):
+    """Load an exported FaceLDMPipeline folder with the chosen sampler, dtype and device."""
+    import torch
+
+    from pipelines.pipeline_face_ldm import FaceLDMPipeline
+
+    from .io import recover_dir
+
+    path = Path(model)
+    recover_dir(path)  # an export killed between its two renames left only MODEL.old
+    if not (path / "model_index.json").is_file():
+        raise UsageError(f"{model} is not an exported pipeline folder (no model_index.json); "
+                         "pass the 'pipeline' folder written by training/train_unet.py")
+    if dtype not in DTYPES:
+        raise UsageError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    try:
+        pipe = FaceLDMPipeline.from_pretrained(path, use_safetensors=True)
+    except OSError as exc:
+        raise UsageError(f"{model}: {exc} (pickled weights are refused: they can run code when "
+                         "loaded)") from None
+    pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
+    # The VAE decodes in fp32 unless bf16 was asked for (fp16 VAEs overflow).
+    vae_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    for module, want in ((pipe.unet, torch_dtype), (pipe.vae, vae_dtype)):
+        # Cast only when needed: diffusers warns on every .to(dtype), even a no-op one.
+        module.to(device=device, **({"dtype": want} if module.dtype != want else {}))
+    return pipe
+
+
+def initial_noise(seed: int, indices, shape: tuple[int, ...]):
+    """The starting latents of images ``indices`` of ``seed``: one CPU generator per image."""
+    import torch
+
+    gens = [torch.Generator("cpu").manual_seed(mix_seed(seed, i)) for i in indices]
+    return torch.stack([torch.randn(shape, generator=g) for g in gens]), gens
+
+
+def sample_images(pipe, num: int, *, seed: int = 0, steps: int = 50, eta: float = 0.0,
+                  batch_size: int = 16, fixed_batch: bool = False, progress: bool = True,
+                  desc: str = "sampling") -> Iterator[tuple[int, object]]:
+    """Draw images ``0 .. num-1`` of ``seed``; yields ``(first index, uint8 array (n, H, W, 3))``.
+
+    ``fixed_batch``: every call runs at ``batch_size`` (a short last batch is filled with the
+    next indices' images, which are dropped), so a compiled UNet with static shapes never
+    recompiles. The images do not depend on it, nor on ``batch_size``.
+    """
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    config = pipe.unet.config
+    shape = (config.in_channels, config.sample_size, config.sample_size)
+    with tqdm(total=num, desc=desc, unit="img", disable=not progress) as bar:
+        for start in range(0, num, batch_size):
+            n = min(batch_size, num - start)
+            drawn = batch_size if fixed_batch else n
+            latents, gens = initial_noise(seed, range(start, start + drawn), shape)
+            images = pipe(batch_size=drawn, num_inference_steps=steps, generator=gens, eta=eta,
+                          latents=latents, output_type="np").images
+            yield start, np.clip(np.rint(np.asarray(images[:n]) * 255.0), 0, 255).astype(np.uint8)
+            bar.update(n)
