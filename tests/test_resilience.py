@@ -117,10 +117,9 @@ def test_unet_sigterm_then_rerun_is_bitwise_equal_to_an_uninterrupted_run(
     process = subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 120
+        # Wait for the first logged step; a run that exits before it fails here.
         while not ((out / "log.jsonl").is_file() and steps_logged(out)):
             assert process.poll() is None, process.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "the run never logged a step"
             time.sleep(0.02)
         process.send_signal(signal.SIGTERM)
         _, err = process.communicate(timeout=120)
