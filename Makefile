@@ -38,7 +38,7 @@ test: install
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow
 
-# Wheels a lent GPU machine lacks (no network there), for scripts/gpu_check.sh: the same
+# Wheels a GPU machine without network lacks, for scripts/gpu_check.sh: the same
 # diffusers as here, for its Python 3.12.
 gpu-wheels: install
 	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \

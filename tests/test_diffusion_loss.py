@@ -2,9 +2,9 @@
 (ffhq_ldm.train_utils.EMA) and the layout-independent batch drawing.
 
 Expected values come from outside the code under test: the schedule is rebuilt here in float64
-numpy from DESIGN.md's formula, the forward process / v / min-SNR formulas are written out
-again, diffusers' own DDPMScheduler is a second reference, and the EMA is replayed by a plain
-loop.
+numpy from the formula (docs/design.md, Noise schedule), the forward process / v / min-SNR
+formulas are written out again, diffusers' own DDPMScheduler is a second reference, and the EMA
+is replayed by a plain loop.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def sched():
 
 
 def _ref_betas() -> np.ndarray:
-    """LDM's "linear" schedule (DESIGN.md s. 3), in float64."""
+    """LDM's "linear" schedule (docs/design.md, Noise schedule), in float64."""
     return np.linspace(np.sqrt(0.0015), np.sqrt(0.0195), T, dtype=np.float64) ** 2
 
 

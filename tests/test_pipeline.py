@@ -279,7 +279,7 @@ def test_defaulted_scaling_factor_is_not_exported(tmp_path):
 
 
 def ldm_alphas_cumprod() -> torch.Tensor:
-    """LDM's "linear" schedule (DESIGN.md section 3), from the formula, in float64."""
+    """LDM's "linear" schedule (docs/design.md, Noise schedule), from the formula, in float64."""
     betas = torch.linspace(0.0015 ** 0.5, 0.0195 ** 0.5, 1000, dtype=torch.float64) ** 2
     return torch.cumprod(1 - betas, 0)
 

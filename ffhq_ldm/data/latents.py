@@ -1,7 +1,7 @@
 """Latent cache: every training image (and its mirror image) encoded once.
 
-Encoding on the fly costs more than the UNet step it feeds (DESIGN.md section 3), so stage 2
-trains from a cache of the posterior's mean and std (as EDM2 does) and draws
+Encoding on the fly costs more than the UNet step it feeds (docs/design.md, Latent cache), so
+stage 2 trains from a cache of the posterior's mean and std (as EDM2 does) and draws
 ``z = (mean + std · ε) · scaling_factor`` afresh each step, keeping the autoencoder's noise.
 
 Layout of a cache folder:
