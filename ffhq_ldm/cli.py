@@ -76,7 +76,7 @@ def _reconstruct(args) -> int:
             inception = {"inception": extractor.source.origin,
                          "inception_sha256": extractor.source.sha256}
     vae = load_vae(args.vae).to(device).eval()
-    train, held, key, resolution = split_for_vae(args.vae, vae, args.data)
+    train, held, key, resolution = split_for_vae(args.vae, vae.config.sample_size, args.data)
     items, which = (held, "held-out") if len(held) and not args.all else (train, "training")
     dataset = ImageDataset(items, resolution, flip="none", image_key=key)
     kind = args.perceptual
@@ -125,13 +125,13 @@ def _cache_latents(args) -> int:
     import torch
 
     from .data.latents import build_latent_cache, split_for_vae
-    from .models.vae import load_vae
+    from .models.vae import LatentCodec, load_vae
 
     device = pick_device(args.device)
     vae = load_vae(args.vae).eval()
-    train, _, key, resolution = split_for_vae(args.vae, vae, args.data)
+    train, _, key, resolution = split_for_vae(args.vae, vae.config.sample_size, args.data)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    build_latent_cache(vae, train, args.latent_cache, resolution, image_key=key,
+    build_latent_cache(LatentCodec(vae), train, args.latent_cache, resolution, image_key=key,
                        batch_size=args.batch_size, num_workers=args.num_workers, device=device,
                        dtype=dtype, progress=not args.no_progress)
     print(f"latent cache of {len(train)} images (and their mirrors): {args.latent_cache}")

@@ -47,7 +47,7 @@ from ffhq_ldm.fast import (FastTrainStep, channels_last_wanted, enable_cudnn_aut
                            enable_tf32, maybe_compile, to_channels_last)
 from ffhq_ldm.losses.diffusion import DiffusionLoss, draw_global_batch, slice_for
 from ffhq_ldm.models.unet import build_sample_scheduler, build_train_scheduler, build_unet
-from ffhq_ldm.models.vae import load_vae
+from ffhq_ldm.models.vae import LatentCodec, load_vae
 from ffhq_ldm.train_utils import (EMA, GracefulStop, NonFiniteGuard, Throughput, append_jsonl,
                                   check_process_group, device_memory, exit_nonfinite,
                                   exit_preempted, finite_or_none, fused_supported, scalars,
@@ -124,8 +124,9 @@ def main(argv=None) -> int:
 
     # -- latent cache: built once by the main process, then held on the device ----------------
     cache_dir = Path(args.latent_cache) if args.latent_cache else out / "latent_cache"
+    codec = LatentCodec(vae)  # what the cache needs of the autoencoder (data never imports models)
     if main_proc:
-        build_latent_cache(vae, train_items, cache_dir, resolution, image_key=image_key,
+        build_latent_cache(codec, train_items, cache_dir, resolution, image_key=image_key,
                            batch_size=args.cache_batch_size, device=device,
                            progress=not args.no_progress)
         failures = load_failures()  # images that failed to decode while encoding
@@ -133,7 +134,7 @@ def main(argv=None) -> int:
             report.write(report_path)
             accelerator.print(f"data: {report.summary()}; see {report_path}")
     accelerator.wait_for_everyone()
-    cache = load_latent_cache(cache_dir, vae, train_items, resolution).to(device)
+    cache = load_latent_cache(cache_dir, codec, train_items, resolution).to(device)
     latent_shape = tuple(cache.mean.shape[1:])
 
     # -- model, loss, optimiser, EMA -----------------------------------------------------------
