@@ -22,12 +22,15 @@ from diffusers import AutoencoderKL, VQModel
 from torch import nn
 
 from ffhq_ldm.config import get_preset
-from ffhq_ldm.losses.autoencoder import (AutoencoderLoss, adaptive_weight, hinge_d_loss,
-                                         kl_to_standard_normal)
-from ffhq_ldm.losses.perceptual import PerceptualWeightsError, TRUNK_FILES, build_perceptual
+from ffhq_ldm.losses.autoencoder import (
+    AutoencoderLoss,
+    adaptive_weight,
+    hinge_d_loss,
+    kl_to_standard_normal,
+)
+from ffhq_ldm.losses.perceptual import TRUNK_FILES, PerceptualWeightsError, build_perceptual
 from ffhq_ldm.models.discriminator import PatchDiscriminator
 from ffhq_ldm.models.vae import Reconstructor, build_vae, decoder_last_layer
-
 
 # ---------------------------------------------------------------------------------------------
 # fixtures and helpers

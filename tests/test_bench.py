@@ -13,8 +13,7 @@ import torch
 
 from ffhq_ldm.config import get_preset
 from ffhq_ldm.data.latents import LatentCache
-from ffhq_ldm.fast import (FastTrainStep, compile_wanted, make_adamw, maybe_compile,
-                           to_channels_last)
+from ffhq_ldm.fast import FastTrainStep, compile_wanted, make_adamw, maybe_compile, to_channels_last
 from ffhq_ldm.losses.diffusion import DiffusionLoss, draw_global_batch
 from ffhq_ldm.models.unet import build_train_scheduler, build_unet
 from ffhq_ldm.train_utils import EMA
@@ -112,7 +111,8 @@ def test_channels_last_and_foreach_adamw_give_the_plain_weights_after_two_steps(
         opt.step()
         opt.zero_grad()
         d = min(decay, (1 + i + 1) / (10 + i + 1))  # LDM's EMA warm-up, update m = i + 1
-        shadow = [d * s + (1 - d) * p.detach() for s, p in zip(shadow, plain.parameters())]
+        shadow = [d * s + (1 - d) * p.detach() for s, p in zip(shadow, plain.parameters(),
+                                                               strict=True)]
 
     # fast: channels_last weights, foreach AdamW, FastTrainStep in fp32
     fast = to_channels_last(tiny_unet())
@@ -128,8 +128,8 @@ def test_channels_last_and_foreach_adamw_give_the_plain_weights_after_two_steps(
     names = [n for n, _ in start]
     assert_same_updates(well_posed(start), well_posed(plain.named_parameters()),
                         well_posed(fast.named_parameters()))
-    assert_same_updates(well_posed(start), well_posed(zip(names, shadow)),
-                        well_posed(zip(names, ema.shadow)))
+    assert_same_updates(well_posed(start), well_posed(zip(names, shadow, strict=True)),
+                        well_posed(zip(names, ema.shadow, strict=True)))
 
 
 def _guard():
@@ -176,8 +176,8 @@ def test_a_non_finite_loss_skips_the_update_with_the_guard():
     b["indices"][0] = 0  # one NaN latent poisons the batch's loss
     result = step(cache, b)
     assert bool(result.skipped) and not math.isfinite(result.loss.item())
-    assert all(torch.equal(p, q) for p, q in zip(before, unet.parameters()))
-    assert all(torch.equal(p, s) for p, s in zip(before, ema.shadow))
+    assert all(torch.equal(p, q) for p, q in zip(before, unet.parameters(), strict=True))
+    assert all(torch.equal(p, s) for p, s in zip(before, ema.shadow, strict=True))
     assert all(p.grad is None for p in unet.parameters())  # zeroed for the next step
 
 
@@ -354,8 +354,8 @@ def test_the_compiled_unet_trainer_matches_the_eager_one_without_recompiling(
     """train_unet.py with its CUDA default forced on (torch.compile with inductor, 1.5 min of
     compiling on a CPU): the same losses as eager, and one graph for the whole run."""
     import torch._dynamo
-
     from conftest import load_script
+
     from ffhq_ldm.export import export_vae
     from ffhq_ldm.models.vae import build_vae
 

@@ -25,9 +25,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import ROOT
+from safetensors.torch import load_file
 
 ACCEL = ROOT / "configs" / "accelerate"
 COMMON = ["--preset", "tiny", "--log-with", "none", "--no-progress"]
@@ -64,7 +63,8 @@ def prepare(self, *objects, **kwargs):
     for wrapped in items:
         if isinstance(wrapped, torch.nn.Module):
             inner = getattr(wrapped, "module", wrapped)
-            initial.append({n: p.detach().cpu().contiguous().clone() for n, p in inner.named_parameters()})
+            initial.append({n: p.detach().cpu().contiguous().clone()
+                            for n, p in inner.named_parameters()})
             modules.append(wrapped)
     return result
 

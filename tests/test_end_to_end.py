@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import load_script
 from PIL import Image
 
-from conftest import load_script
 from ffhq_ldm.cli import main as cli_main
 from pipelines import FaceLDMPipeline
 

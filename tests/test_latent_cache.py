@@ -49,7 +49,8 @@ def test_mismatched_vae_or_images_are_refused(vae, faces32, tmp_path):
     with pytest.raises(CacheMismatchError, match="different autoencoder"):
         load_latent_cache(tmp_path / "c", LatentCodec(other), files, 32)
     with pytest.raises(CacheMismatchError, match="different autoencoder"):
-        build_latent_cache(LatentCodec(other), files, tmp_path / "c", 32, batch_size=6, progress=False)
+        build_latent_cache(LatentCodec(other), files, tmp_path / "c", 32, batch_size=6,
+                           progress=False)
     with pytest.raises(CacheMismatchError):
         load_latent_cache(tmp_path / "c", LatentCodec(vae), list_images(faces32)[:7], 32)
 
@@ -68,7 +69,8 @@ def test_interrupted_cache_is_resumed_not_trusted(vae, faces32, tmp_path, monkey
 
     monkeypatch.setattr(latents, "save_file", dying_save)
     with pytest.raises(KeyboardInterrupt):
-        build_latent_cache(LatentCodec(vae), files, tmp_path / "c", 32, batch_size=4, progress=False)
+        build_latent_cache(LatentCodec(vae), files, tmp_path / "c", 32, batch_size=4,
+                           progress=False)
     manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
     assert manifest["complete"] is False and len(manifest["shards"]) == 1
     with pytest.raises(CacheMismatchError, match="incomplete"):

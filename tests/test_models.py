@@ -72,7 +72,8 @@ def test_latent_size_variants(name, shape):
 
     levels = attention_levels(unet_config, shape[1])
     sizes = [shape[1] // 2 ** i for i in range(len(levels))]
-    assert [s for s, a in zip(sizes, levels) if a] == [s for s in sizes if s in (32, 16, 8)]
+    with_attention = [s for s, a in zip(sizes, levels, strict=True) if a]
+    assert with_attention == [s for s in sizes if s in (32, 16, 8)]
 
 
 def test_ldm_linear_schedule_betas():

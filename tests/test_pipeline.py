@@ -23,8 +23,13 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
-                       EulerDiscreteScheduler, VQModel)
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    VQModel,
+)
 
 from ffhq_ldm.cli import make_scheduler
 from ffhq_ldm.config import get_preset
@@ -371,8 +376,12 @@ def test_bf16_unet_and_callback(pipe):
     for name in SAMPLERS:
         pipe.scheduler = make_scheduler(name, pipe.scheduler.config)
         dtypes = []
-        images = sample(pipe, seed=0, callback_on_step_end=lambda p, i, t, kw: dtypes.append(
-            kw["latents"].dtype) or kw)
+
+        def record(p, i, t, kw, dtypes=dtypes):
+            dtypes.append(kw["latents"].dtype)
+            return kw
+
+        images = sample(pipe, seed=0, callback_on_step_end=record)
         assert dtypes == [torch.bfloat16] * STEPS, name
         assert torch.isfinite(images).all(), name
 

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, load_script
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import ROOT, load_script
 from ffhq_ldm import checkpoints, train_utils
 from ffhq_ldm.cli_common import run_main
 from ffhq_ldm.train_utils import EXIT_PREEMPTED, TEST_SIGNAL_ENV
@@ -358,18 +358,18 @@ def test_gated_ema_update_matches_the_plain_one_and_a_closed_gate_changes_nothin
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
     plain, gated = train_utils.EMA(model, 0.9), train_utils.EMA(model, 0.9)
-    for step in range(4):
+    for _ in range(4):
         with torch.no_grad():
             model.weight.add_(1.0)
         plain.update(model)
         gated.update(model, enabled=torch.tensor(True))
-    for a, b in zip(plain.shadow, gated.shadow):
+    for a, b in zip(plain.shadow, gated.shadow, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     frozen = [s.clone() for s in gated.shadow]
     with torch.no_grad():
         model.weight.add_(1.0)
     gated.update(model, enabled=torch.tensor(False))
-    assert all(torch.equal(a, b) for a, b in zip(frozen, gated.shadow))
+    assert all(torch.equal(a, b) for a, b in zip(frozen, gated.shadow, strict=True))
     assert gated.num_updates == plain.num_updates == 4
 
 
@@ -566,7 +566,8 @@ def test_an_export_killed_between_its_two_renames_is_put_back(tmp_path, monkeypa
     loaded = load_vae(out)  # puts vae.old back and loads it: the first export, complete
     assert out.is_dir() and not (tmp_path / "run" / "vae.old").exists()
     assert loaded.config.scaling_factor == 1.0
-    for (name, a), (_, b) in zip(first.state_dict().items(), loaded.state_dict().items()):
+    for (name, a), (_, b) in zip(first.state_dict().items(), loaded.state_dict().items(),
+                                 strict=True):
         assert torch.equal(a, b), name
     export.export_vae(build_vae(get_preset("tiny", "vae")), out, 2.0, split)
     assert load_vae(out).config.scaling_factor == 2.0

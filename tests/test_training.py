@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from conftest import load_script
 
 COMMON = ["--preset", "tiny", "--no-progress", "--log-with", "none"]
@@ -34,7 +33,8 @@ def test_unet_training_loss_falls(vae_run, faces32, tmp_path):
         "--max-steps", "80", "--log-every", "1", "--checkpoint-every", "80",
         "--preview-every", "80"])
     assert code == 0
-    losses = [json.loads(line)["loss"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    log = (tmp_path / "log.jsonl").read_text().splitlines()
+    losses = [json.loads(line)["loss"] for line in log]
     assert len(losses) == 80
     first, last = sum(losses[:8]) / 8, sum(losses[-8:]) / 8
     print(f"UNet eps-MSE: first 10% of steps {first:.4f}, last 10% {last:.4f}")

@@ -22,13 +22,12 @@ from __future__ import annotations
 import hashlib
 import random
 import sys
-import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import Dataset
 
 from .decode import BACKGROUND as BACKGROUND
@@ -95,7 +94,8 @@ class ImageDataset(Dataset):
     An image that fails to decode is replaced by the next one that does (see the module notes).
     """
 
-    def __init__(self, items: Sequence, size: int, flip: str = "random", image_key: str | None = None):
+    def __init__(self, items: Sequence, size: int, flip: str = "random",
+                 image_key: str | None = None):
         if flip not in ("random", "none", "always"):
             raise ValueError(f"flip must be random, none or always, not {flip!r}")
         self.items, self.size, self.flip, self.image_key = items, size, flip, image_key
@@ -147,7 +147,8 @@ def _hf_dataset(spec: str):
 
     rest = spec[3:]
     if rest.startswith("imagefolder:"):
-        ds = datasets.load_dataset("imagefolder", data_dir=rest[len("imagefolder:"):], split="train")
+        ds = datasets.load_dataset("imagefolder", data_dir=rest[len("imagefolder:"):],
+                                   split="train")
     else:
         name, _, split = rest.partition(":")
         ds = datasets.load_dataset(name, split=split or "train")

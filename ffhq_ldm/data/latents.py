@@ -48,7 +48,7 @@ class LatentCache:
     def __len__(self) -> int:
         return self.mean.shape[0]
 
-    def to(self, device) -> "LatentCache":
+    def to(self, device) -> LatentCache:
         return LatentCache(self.mean.to(device), self.std.to(device), self.scaling_factor)
 
     def sample(self, indices: torch.Tensor, noise: torch.Tensor | None = None,
@@ -144,8 +144,9 @@ def build_latent_cache(codec, items, cache_dir, resolution: int, image_key=None,
                             enabled=dtype != torch.float32):
             mean, std = codec.encode(torch.cat([images, images.flip(-1)]))
         if tuple(mean.shape[1:]) != tuple(codec.latent_shape):
-            raise CacheMismatchError(f"the autoencoder encodes {resolution} px images to latents of "
-                                     f"shape {tuple(mean.shape[1:])}, not {codec.latent_shape}")
+            raise CacheMismatchError(
+                f"the autoencoder encodes {resolution} px images to latents of shape "
+                f"{tuple(mean.shape[1:])}, not {codec.latent_shape}")
         name = f"shard-{shard_index:05d}.safetensors"
         tmp = cache_dir / (name + ".tmp")
         save_file({"mean": mean.to(STORE_DTYPE).cpu().contiguous(),

@@ -73,7 +73,8 @@ def measure_scaling_factor(vae, batches, generator: torch.Generator | None = Non
     total, total_sq, count = 0.0, 0.0, 0
     for images in batches:
         mean, std = encode_posterior(vae, images)
-        z = mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
+        z = mean + std * torch.randn(mean.shape, generator=generator,
+                                     dtype=mean.dtype).to(mean.device)
         z = z.double()
         total += z.sum().item()
         total_sq += (z * z).sum().item()

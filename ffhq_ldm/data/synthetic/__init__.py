@@ -76,7 +76,8 @@ def render_face(seed: int, index: int, size: int = 128) -> tuple[Image.Image, di
     if r.random() < 0.6:  # soft head shadow cast onto the wall, away from the light
         L = -1.0 if attrs["light_side"] == "left" else 1.0
         sc = attrs["scale"]
-        shadow = (0.5 + attrs["shift_x"] - L * 0.07 * sc, 0.5 + attrs["shift_y"] + 0.04, 0.36 * sc, 0.5 * sc)
+        shadow = (0.5 + attrs["shift_x"] - L * 0.07 * sc, 0.5 + attrs["shift_y"] + 0.04, 0.36 * sc,
+                  0.5 * sc)
     canvas = background(r, attrs["background"], size * ss, shadow)
     draw_face(canvas, r, attrs)
     img = canvas.reduce(ss) if ss == 2 else canvas.resize((size, size), Image.LANCZOS)
@@ -95,8 +96,10 @@ def face_batch(num: int, size: int = 128, seed: int = 0, start: int = 0) -> np.n
     return out
 
 
-def generate_faces(out_dir, num: int, size: int = 128, seed: int = 0, progress: bool = True) -> Path:
-    """Write ``out_dir/{index:06d}.png`` for ``index in range(num)`` plus ``out_dir/metadata.jsonl``.
+def generate_faces(out_dir, num: int, size: int = 128, seed: int = 0,
+                   progress: bool = True) -> Path:
+    """Write ``out_dir/{index:06d}.png`` for ``index in range(num)`` plus
+    ``out_dir/metadata.jsonl``.
 
     Each metadata line is ``{"file": "000000.png", "index": 0, "seed": S, **attributes}``.
     Creates ``out_dir`` (with parents).  Returns ``out_dir`` as a Path.
@@ -120,7 +123,8 @@ def generate_faces(out_dir, num: int, size: int = 128, seed: int = 0, progress: 
         # compress_level=1: ~3x faster than the default and only slightly larger files.
         img.save(out / name, compress_level=1)
         lines.append(json.dumps({"file": name, "index": i, "seed": seed, **meta}))
-    # Metadata is written last (and atomically via rename) so its presence means the set is complete.
+    # Metadata is written last (and atomically via rename) so its presence means the set is
+    # complete.
     tmp = out / "metadata.jsonl.tmp"
     tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(out / "metadata.jsonl")

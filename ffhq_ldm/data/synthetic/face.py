@@ -304,7 +304,8 @@ def paint_brows(f: Face, r: random.Random) -> None:
     arch = r.uniform(0.006, 0.02)
     for sgn in (-1, 1):
         ex = sgn * f.esp + f.fx
-        pts = bez((ex - sgn * ew * 1.0, by + a["brow_angle"]), (ex + sgn * ew * 0.15, by - 2 * arch),
+        pts = bez((ex - sgn * ew * 1.0, by + a["brow_angle"]),
+                  (ex + sgn * ew * 0.15, by - 2 * arch),
                   (ex + sgn * ew * 1.25, by + 0.01), 10)
         f.P.stroke(pts, bt, bt * 0.4, rgba(brow_c, 235))
 
