@@ -7,7 +7,7 @@ DEMO   ?= runs/demo
 # The accelerate config: the GPU one when CUDA is there, the CPU one otherwise.
 ACCEL  = $(shell $(BIN)/python -c "import torch; print('accelerate_config.yaml' if torch.cuda.is_available() else 'configs/accelerate/cpu.yaml')" 2>/dev/null)
 
-.PHONY: install demo test test-slow gpu-wheels clean
+.PHONY: install demo test test-slow lint gpu-wheels clean
 
 install: $(VENV)/.installed
 
@@ -37,6 +37,10 @@ test: install
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow
+
+# Style and common bugs (rules in pyproject.toml), on the folders that follow them.
+lint: install
+	$(BIN)/ruff check ffhq_ldm/data ffhq_ldm/evaluation ffhq_ldm/losses ffhq_ldm/models pipelines tests
 
 # Wheels a GPU machine without network lacks, for scripts/gpu_check.sh: the same
 # diffusers as here, for its Python 3.12.

@@ -21,7 +21,7 @@ image that decodes and records it. ``--full`` decodes every image here too, for 
 list before a long run.
 
 Handled, not problems: CMYK, 16-bit, grayscale, palette, RGBA/LA (composited on white) and
-EXIF orientation are converted by ``images.to_rgb``; the counts per mode are reported.
+EXIF orientation are converted by ``decode.to_rgb``; the counts per mode are reported.
 """
 
 from __future__ import annotations

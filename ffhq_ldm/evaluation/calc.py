@@ -14,6 +14,7 @@ import csv
 import json
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -77,7 +78,7 @@ def generate_samples(
             u8 = np.stack([center_crop_resize(Image.fromarray(a), resolution) for a in u8])
         chunks.append(u8)
     images = np.concatenate(chunks)
-    paths = save_images(images, os.path.join(out_dir, "samples"))
+    paths = save_images(images, str(Path(out_dir) / "samples"))
     return images, relative_names(paths, out_dir)
 
 
@@ -132,10 +133,10 @@ def _check_inputs(ref_path: str, data_dir: str, samples_dir: str | None, model: 
         holdout_paths = list_images(holdout_dir, "held-out folder")
     elif not 0.0 < holdout_fraction < 1.0:
         raise EvaluationError(f"--holdout-fraction must be in (0, 1), got {holdout_fraction}")
-    if model is not None and not os.path.isfile(os.path.join(model, "model_index.json")):
+    if model is not None and not (Path(model) / "model_index.json").is_file():
         raise EvaluationError(f"--model {model!r} is not an exported pipeline folder "
                               "(no model_index.json)")
-    if not os.path.isfile(ref_path):
+    if not Path(ref_path).is_file():
         raise EvaluationError(f"reference statistics file not found: {ref_path!r} "
                               "(create it with 'evaluate ref')")
     return train_paths, sample_paths, holdout_paths
@@ -174,8 +175,8 @@ def _holdout_set(holdout_paths, holdout_dir, holdout_fraction, train_feats, trai
     return None, train_feats[exclude], train_pix[exclude], exclude, desc
 
 
-def _write_uniqueness_csv(path: str, results, flags, sample_names, train_names) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as f:
+def _write_uniqueness_csv(path: Path, results, flags, sample_names, train_names) -> None:
+    with path.open("w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["sample", "memorized"]
                    + [c for r in results for c in (f"{r.name} d1", f"{r.name} nearest")])
@@ -237,7 +238,7 @@ def run_calc(
     dev, fp = extractor.device, extractor.fingerprint(resolution)
     bs = batch_size or default_batch_size(dev)
     ref = load_reference(ref_path, fp)
-    os.makedirs(out_dir, exist_ok=True)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
 
     # --- samples -------------------------------------------------------------------------------
     if model is not None:
@@ -303,12 +304,12 @@ def run_calc(
 def _write_outputs(out_dir, metrics, results, flags, samples, sample_names, train_names,
                    train_loader, grid_rows) -> None:
     """metrics.json, uniqueness.csv, neighbours.png, nn_hist.png and report.md."""
-    with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as f:
+    out = Path(out_dir)
+    with (out / "metrics.json").open("w", encoding="utf-8") as f:
         json.dump(metrics, f, indent=2, sort_keys=True)
-    _write_uniqueness_csv(os.path.join(out_dir, "uniqueness.csv"), results, flags, sample_names,
-                          train_names)
+    _write_uniqueness_csv(out / "uniqueness.csv", results, flags, sample_names, train_names)
     rows = choose_grid_rows(results, flags, grid_rows)
     grid = neighbour_grid(samples, train_loader, rows, results, flags, sample_names,
-                          os.path.join(out_dir, "neighbours.png"))
-    hist = histogram_image(results, os.path.join(out_dir, "nn_hist.png"))
+                          str(out / "neighbours.png"))
+    hist = histogram_image(results, str(out / "nn_hist.png"))
     write_report(out_dir, metrics, results, grid, hist)
