@@ -67,7 +67,7 @@ def test_the_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
 
 
-def test_relative_imports_resolve(tmp_path):
+def test_relative_imports_resolve():
     assert imports_of(ROOT / "ffhq_ldm" / "data" / "images.py") >= {"ffhq_ldm.data.decode",
                                                                    "ffhq_ldm.data.scan"}
 
