@@ -7,7 +7,7 @@ DEMO   ?= runs/demo
 # The accelerate config: the GPU one when CUDA is there, the CPU one otherwise.
 ACCEL  = $(shell $(BIN)/python -c "import torch; print('accelerate_config.yaml' if torch.cuda.is_available() else 'configs/accelerate/cpu.yaml')" 2>/dev/null)
 
-.PHONY: install demo test test-slow gpu-wheels clean
+.PHONY: install demo test test-slow lint gpu-wheels clean
 
 install: $(VENV)/.installed
 
@@ -33,12 +33,17 @@ demo: install
 	@echo "  tensorboard:      $(BIN)/tensorboard --logdir $(DEMO)"
 
 test: install
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow
 
-# Wheels a lent GPU machine lacks (no network there), for scripts/gpu_check.sh: the same
+# Style and common bugs (rules in pyproject.toml), on the folders that follow them.
+lint: install
+	$(BIN)/ruff check .
+
+# Wheels a GPU machine without network lacks, for scripts/gpu_check.sh: the same
 # diffusers as here, for its Python 3.12.
 gpu-wheels: install
 	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \

@@ -85,7 +85,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="batch sizes for train-unet, encode and sample; the plain baseline "
                              "runs at the smallest, torch.compile at the largest")
     parser.add_argument("--vae-batch-size", type=int, default=32,
-                        help="batch size of the autoencoder step (as the reference figure in docs/design.md)")
+                        help="batch size of the autoencoder step (as the reference figure in "
+                             "docs/design.md)")
     parser.add_argument("--only", type=_task_list, default=",".join(TASKS), metavar="TASKS",
                         help=f"comma-separated tasks to run, of: {', '.join(TASKS)}")
     parser.add_argument("--steps", type=int, default=10,
@@ -440,8 +441,8 @@ class Bench:
 
         from pipelines.pipeline_face_ldm import FaceLDMPipeline
 
-        from .speed import maybe_compile, to_channels_last
         from .models.unet import build_sample_scheduler
+        from .speed import maybe_compile, to_channels_last
 
         unet = self.build_unet().eval().requires_grad_(False)
         vae = self.build_vae().eval().requires_grad_(False)

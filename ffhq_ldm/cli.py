@@ -20,7 +20,6 @@ from .config import PERCEPTUAL_CHOICES
 from .sampling import DTYPES, SAMPLERS
 
 
-
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     pass
 
@@ -50,8 +49,12 @@ def _reconstruct(args) -> int:
 
     from .data.images import ImageDataset
     from .data.latents import split_for_vae
-    from .evaluation.autoencoder import (ReconstructionFID, batched, describe_metrics,
-                                       reconstruction_metrics)
+    from .evaluation.autoencoder import (
+        ReconstructionFID,
+        batched,
+        describe_metrics,
+        reconstruction_metrics,
+    )
     from .losses.perceptual import PerceptualWeightsError, build_perceptual
     from .models.vae import Reconstructor, load_vae
     from .sampling import pick_device
@@ -77,7 +80,7 @@ def _reconstruct(args) -> int:
             inception = {"inception": extractor.source.origin,
                          "inception_sha256": extractor.source.sha256}
     vae = load_vae(args.vae).to(device).eval()
-    train, held, key, resolution = split_for_vae(args.vae, vae, args.data)
+    train, held, key, resolution = split_for_vae(args.vae, vae.config.sample_size, args.data)
     items, which = (held, "held-out") if len(held) and not args.all else (train, "training")
     dataset = ImageDataset(items, resolution, flip="none", image_key=key)
     kind = args.perceptual
@@ -126,14 +129,14 @@ def _cache_latents(args) -> int:
     import torch
 
     from .data.latents import build_latent_cache, split_for_vae
-    from .models.vae import load_vae
+    from .models.vae import LatentCodec, load_vae
     from .sampling import pick_device
 
     device = pick_device(args.device)
     vae = load_vae(args.vae).eval()
-    train, _, key, resolution = split_for_vae(args.vae, vae, args.data)
+    train, _, key, resolution = split_for_vae(args.vae, vae.config.sample_size, args.data)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    build_latent_cache(vae, train, args.latent_cache, resolution, image_key=key,
+    build_latent_cache(LatentCodec(vae), train, args.latent_cache, resolution, image_key=key,
                        batch_size=args.batch_size, num_workers=args.num_workers, device=device,
                        dtype=dtype, progress=not args.no_progress)
     print(f"latent cache of {len(train)} images (and their mirrors): {args.latent_cache}")
@@ -144,13 +147,16 @@ def _cache_latents(args) -> int:
 # sample
 
 def _sample(args) -> int:
-    import torch
     from PIL import Image
-    from tqdm.auto import tqdm
 
     from .sampling import load_pipeline, pick_device, sample_images
-    from .speed import (channels_last_wanted, compile_wanted, enable_tf32, maybe_compile,
-                        to_channels_last)
+    from .speed import (
+        channels_last_wanted,
+        compile_wanted,
+        enable_tf32,
+        maybe_compile,
+        to_channels_last,
+    )
     from .visual import save_grid
 
     if args.num <= 0:

@@ -75,7 +75,7 @@ class VAEConfig:
     def latent_size(self) -> int:
         return self.resolution // self.downsample_factor
 
-    def validate(self) -> "VAEConfig":
+    def validate(self) -> VAEConfig:
         if self.autoencoder not in ("kl", "vq"):
             raise ConfigError(f"autoencoder must be 'kl' or 'vq', not {self.autoencoder!r}")
         if self.resolution % self.downsample_factor:
@@ -87,7 +87,8 @@ class VAEConfig:
                 f"every entry of block_out_channels={self.block_out_channels} must be divisible "
                 f"by norm_num_groups={self.norm_num_groups}")
         if self.perceptual not in PERCEPTUAL_CHOICES:
-            raise ConfigError(f"perceptual must be one of {PERCEPTUAL_CHOICES}, not {self.perceptual!r}")
+            raise ConfigError(f"perceptual must be one of {PERCEPTUAL_CHOICES}, "
+                              f"not {self.perceptual!r}")
         return self
 
 
@@ -138,9 +139,10 @@ class UNetConfig:
     preview_steps: int = 50
     preview_images: int = 16
 
-    def validate(self) -> "UNetConfig":
+    def validate(self) -> UNetConfig:
         if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise ConfigError(f"prediction_type must be epsilon or v_prediction, not {self.prediction_type!r}")
+            raise ConfigError("prediction_type must be epsilon or v_prediction, "
+                              f"not {self.prediction_type!r}")
         if self.beta_schedule not in BETA_SCHEDULES:
             raise ConfigError(f"beta_schedule must be one of {', '.join(BETA_SCHEDULES)}, "
                               f"not {self.beta_schedule!r}")
@@ -270,7 +272,8 @@ def config_from_args(cls, preset: str, args: argparse.Namespace, stage: str):
 
 
 def to_dict(config) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+    items = dataclasses.asdict(config).items()
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in items}
 
 
 def save_run_config(path: Path, **sections) -> None:

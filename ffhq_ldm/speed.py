@@ -2,8 +2,8 @@
 
 Each helper is a drop-in for a line the trainers or the pipeline already have, and falls back
 to the plain path where the fast one does not exist (a CPU), so the same code runs in the tests.
-The measured effect of each one on an H200 is in docs/design.md (Reference speed); ``ffhq-ldm bench``
-measures it on the machine at hand.
+The measured effect of each one on an H200 is in docs/design.md (Reference speed);
+``ffhq-ldm bench`` measures it on the machine at hand.
 
 With channels_last weights, call ``match_state_layout`` after loading an optimizer's state.
 """
@@ -50,9 +50,9 @@ def enable_cudnn_autotune() -> None:
 def channels_last_wanted(device) -> bool:
     """Whether the trainers store their models channels_last: $FFHQ_LDM_CHANNELS_LAST, else CUDA.
 
-    On CUDA it is what tensor-core convolutions run in (docs/design.md, Reference speed). On a CPU its effect
-    depends on oneDNN's kernels for each shape, so it stays off there unless asked for (the tests
-    ask, to run the same layout code the GPU runs).
+    On CUDA it is what tensor-core convolutions run in (docs/design.md, Reference speed). On a
+    CPU its effect depends on oneDNN's kernels for each shape, so it stays off there unless
+    asked for (the tests ask, to run the same layout code the GPU runs).
     """
     env = _env_switch(CHANNELS_LAST_ENV)
     return env if env is not None else torch.device(device).type == "cuda"

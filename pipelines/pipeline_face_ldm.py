@@ -15,7 +15,7 @@ being decoded with Stable Diffusion's 0.18215.
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
@@ -55,9 +55,9 @@ class FaceLDMPipeline(DiffusionPipeline):
         listed = "scaling_factor" in (config.get("_use_default_values") or [])
         if value is None or (listed and value == class_default):
             raise ValueError(
-                f"the {type(self.vae).__name__}'s config has no scaling_factor, so diffusers filled "
-                "in Stable Diffusion's 0.18215, which is wrong for this autoencoder. Measure "
-                "1/std of its latents on training images and set it: "
+                f"the {type(self.vae).__name__}'s config has no scaling_factor, so diffusers "
+                "filled in Stable Diffusion's 0.18215, which is wrong for this autoencoder. "
+                "Measure 1/std of its latents on training images and set it: "
                 "vae.register_to_config(scaling_factor=...)")
         return float(config.scaling_factor)
 
@@ -138,25 +138,7 @@ class FaceLDMPipeline(DiffusionPipeline):
 
         device = self._execution_device
         unet_dtype = self.unet.dtype
-        size = self.unet.config.sample_size
-        height, width = (size, size) if isinstance(size, int) else tuple(size)
-        channels = self.unet.config.in_channels
-        if latents is not None:
-            if latents.ndim != 4 or tuple(latents.shape[1:]) != (channels, height, width):
-                raise ValueError(f"latents must have shape (B, {channels}, {height}, {width}), "
-                                 f"got {tuple(latents.shape)}")
-            batch_size = latents.shape[0]  # given latents fix the batch
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        # Checked against the effective batch, also when latents are given: scheduler.step
-        # draws eta > 0 noise from these generators, one per image.
-        if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(f"got {len(generator)} generators for a batch of {batch_size}")
-        if latents is None:
-            shape = (batch_size, channels, height, width)
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=unet_dtype)
-        else:
-            latents = latents.to(device=device, dtype=unet_dtype)
+        latents = self._initial_latents(batch_size, generator, latents, device, unet_dtype)
 
         # The schedule stays on the host: the schedulers index their tables with the timestep
         # and branch on it, which on a GPU would wait for the device twice a step. The UNet gets
@@ -177,18 +159,43 @@ class FaceLDMPipeline(DiffusionPipeline):
                 result = callback_on_step_end(self, i, t, {k: local[k] for k in tensor_inputs})
                 latents = (result or {}).get("latents", latents)
 
-        if output_type == "latent":
-            images = latents
-        else:
-            images = (self.decode_latents(latents, decode_chunk_size) / 2 + 0.5).clamp(0, 1)
-            if output_type == "np":
-                images = images.cpu().permute(0, 2, 3, 1).numpy()
-            elif output_type == "pil":
-                images = self.numpy_to_pil(images.cpu().permute(0, 2, 3, 1).numpy())
+        images = self._output(latents, output_type, decode_chunk_size)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)
         return ImagePipelineOutput(images=images)
+
+    def _initial_latents(self, batch_size, generator, latents, device, dtype) -> torch.Tensor:
+        """The starting noise: ``latents`` checked and moved, or drawn from ``generator``."""
+        size = self.unet.config.sample_size
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        channels = self.unet.config.in_channels
+        if latents is not None:
+            if latents.ndim != 4 or tuple(latents.shape[1:]) != (channels, height, width):
+                raise ValueError(f"latents must have shape (B, {channels}, {height}, {width}), "
+                                 f"got {tuple(latents.shape)}")
+            batch_size = latents.shape[0]  # given latents fix the batch
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        # Checked against the effective batch, also when latents are given: scheduler.step
+        # draws eta > 0 noise from these generators, one per image.
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(f"got {len(generator)} generators for a batch of {batch_size}")
+        if latents is None:
+            shape = (batch_size, channels, height, width)
+            return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        return latents.to(device=device, dtype=dtype)
+
+    def _output(self, latents: torch.Tensor, output_type: str, decode_chunk_size: int):
+        """Final latents as the requested ``output_type``."""
+        if output_type == "latent":
+            return latents
+        images = (self.decode_latents(latents, decode_chunk_size) / 2 + 0.5).clamp(0, 1)
+        if output_type == "np":
+            return images.cpu().permute(0, 2, 3, 1).numpy()
+        if output_type == "pil":
+            return self.numpy_to_pil(images.cpu().permute(0, 2, 3, 1).numpy())
+        return images
 
 
 __all__ = ["FaceLDMPipeline"]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of one short session on a lent machine, as one command each.
+# Short GPU checks for a machine without network access, as one command each.
 #
 #   bash scripts/gpu_check.sh bench   # ffhq-ldm bench on ffhq128-f4: every stage vs fp32 eager
 #   bash scripts/gpu_check.sh vae     # the ffhq128-f4 autoencoder on synthetic faces, ~7 min
@@ -36,8 +36,8 @@ bench)
         --json "$OUT/bench.json" --max-minutes 6 ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
     ;;
 vae)
-    # Issue 3's GPU run: the paper's autoencoder, at most VAE_SECONDS (420) of training on 2,000
-    # synthetic faces. No real LPIPS trunk can reach that machine, so the perceptual term is
+    # The paper's autoencoder, at most VAE_SECONDS (420) of training on 2,000
+    # synthetic faces. Without network no real LPIPS trunk is there, so the perceptual term is
     # the random-trunk VGG (same cost, named so in the logs); no rFID (no Inception weights).
     $PY -m ffhq_ldm.cli synth --out /tmp/faces --num "${FACES:-2000}" --seed 0 --no-progress
     # SIGTERM at the time limit: the trainer saves and exits 75; the rerun (max_steps reached)

@@ -2,12 +2,12 @@
 
 Every expected value is computed here independently of the code under test: gradient norms on
 fresh autograd graphs, hinge and KL numbers worked out by hand or by torch.distributions, and
-the loss formulas of DESIGN.md section 3 written out again.
+the loss formulas of docs/design.md (Autoencoder loss) written out again.
 
 LPIPS here is ``build_perceptual("lpips-vgg-random-trunk")``: the lpips wheel's linear heads on
 a *randomly initialised* VGG trunk, built offline. It is a smooth, gradient-carrying image
-distance, not the LPIPS metric; the real trunk cannot be downloaded in tests (DESIGN.md s. 4),
-so trunk loading is tested with a fake trunk file of torchvision's layout.
+distance, not the LPIPS metric; the real trunk cannot be downloaded in tests (docs/design.md,
+Offline weights), so trunk loading is tested with a fake trunk file of torchvision's layout.
 """
 
 from __future__ import annotations
@@ -22,12 +22,15 @@ from diffusers import AutoencoderKL, VQModel
 from torch import nn
 
 from ffhq_ldm.config import get_preset
-from ffhq_ldm.losses.autoencoder import (AutoencoderLoss, adaptive_weight, hinge_d_loss,
-                                         kl_to_standard_normal)
-from ffhq_ldm.losses.perceptual import PerceptualWeightsError, TRUNK_FILES, build_perceptual
+from ffhq_ldm.losses.autoencoder import (
+    AutoencoderLoss,
+    adaptive_weight,
+    hinge_d_loss,
+    kl_to_standard_normal,
+)
+from ffhq_ldm.losses.perceptual import TRUNK_FILES, PerceptualWeightsError, build_perceptual
 from ffhq_ldm.models.discriminator import PatchDiscriminator
 from ffhq_ldm.models.vae import Reconstructor, build_vae, decoder_last_layer
-
 
 # ---------------------------------------------------------------------------------------------
 # fixtures and helpers

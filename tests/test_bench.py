@@ -1,4 +1,5 @@
-"""ffhq_ldm.speed and the UNet train step against the plain training path, and `ffhq-ldm bench` end to end on a CPU.
+"""ffhq_ldm.speed and the UNet train step against the plain training path, and `ffhq-ldm bench`
+end to end on a CPU.
 
 The plain path is written out here from its definitions (the forward process, the MSE, the
 reference AdamW without foreach), so the fast path is checked against an independent
@@ -13,12 +14,11 @@ import torch
 
 from ffhq_ldm.config import get_preset
 from ffhq_ldm.data.latents import LatentCache
-from ffhq_ldm.train.steps import UNetTrainStep
-from ffhq_ldm.speed import (compile_wanted, maybe_compile,
-                           to_channels_last)
 from ffhq_ldm.losses.diffusion import DiffusionLoss, draw_global_batch
 from ffhq_ldm.models.unet import build_train_scheduler, build_unet
+from ffhq_ldm.speed import compile_wanted, maybe_compile, to_channels_last
 from ffhq_ldm.train.ema import EMA
+from ffhq_ldm.train.steps import UNetTrainStep
 
 LATENT = (4, 8, 8)
 
@@ -113,7 +113,8 @@ def test_channels_last_and_foreach_adamw_give_the_plain_weights_after_two_steps(
         opt.step()
         opt.zero_grad()
         d = min(decay, (1 + i + 1) / (10 + i + 1))  # LDM's EMA warm-up, update m = i + 1
-        shadow = [d * s + (1 - d) * p.detach() for s, p in zip(shadow, plain.parameters())]
+        shadow = [d * s + (1 - d) * p.detach() for s, p in zip(shadow, plain.parameters(),
+                                                               strict=True)]
 
     # fast: channels_last weights, foreach AdamW, UNetTrainStep in fp32
     fast = to_channels_last(tiny_unet())
@@ -129,8 +130,8 @@ def test_channels_last_and_foreach_adamw_give_the_plain_weights_after_two_steps(
     names = [n for n, _ in start]
     assert_same_updates(well_posed(start), well_posed(plain.named_parameters()),
                         well_posed(fast.named_parameters()))
-    assert_same_updates(well_posed(start), well_posed(zip(names, shadow)),
-                        well_posed(zip(names, ema.shadow)))
+    assert_same_updates(well_posed(start), well_posed(zip(names, shadow, strict=True)),
+                        well_posed(zip(names, ema.shadow, strict=True)))
 
 
 def _guard():
@@ -175,8 +176,8 @@ def test_a_non_finite_loss_skips_the_update_with_the_guard():
     b["indices"][0] = 0  # one NaN latent poisons the batch's loss
     result = step(cache, b)
     assert bool(result.skipped) and not math.isfinite(result.loss.item())
-    assert all(torch.equal(p, q) for p, q in zip(before, unet.parameters()))
-    assert all(torch.equal(p, s) for p, s in zip(before, ema.shadow))
+    assert all(torch.equal(p, q) for p, q in zip(before, unet.parameters(), strict=True))
+    assert all(torch.equal(p, s) for p, s in zip(before, ema.shadow, strict=True))
     assert all(p.grad is None for p in unet.parameters())  # zeroed for the next step
 
 
@@ -346,10 +347,10 @@ def test_the_compiled_unet_trainer_matches_the_eager_one_without_recompiling(
     """train_unet.py with its CUDA default forced on (torch.compile with inductor, 1.5 min of
     compiling on a CPU): the same losses as eager, and one graph for the whole run."""
     import torch._dynamo
-
     from conftest import load_script
-    from ffhq_ldm.train.export import export_vae
+
     from ffhq_ldm.models.vae import build_vae
+    from ffhq_ldm.train.export import export_vae
 
     torch.manual_seed(0)
     export_vae(build_vae(get_preset("tiny", "vae")), tmp_path / "vae", 1.0,

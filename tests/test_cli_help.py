@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
 
 SHARED_TRAINER_OPTIONS = ("--preset", "--data", "--output-dir", "--max-steps", "--batch-size",

@@ -5,8 +5,15 @@ import pytest
 import torch
 from PIL import Image
 
-from ffhq_ldm.data.images import (DataError, ImageDataset, list_images, load_image, open_dataset,
-                                  split_holdout, to_tensor)
+from ffhq_ldm.data.images import (
+    DataError,
+    ImageDataset,
+    list_images,
+    load_image,
+    open_dataset,
+    split_holdout,
+    to_tensor,
+)
 
 
 @pytest.fixture
@@ -14,7 +21,10 @@ def mixed_folder(tmp_path):
     rng = np.random.default_rng(0)
     root = tmp_path / "imgs"
     (root / "sub" / "deeper").mkdir(parents=True)
-    rgb = lambda h, w: Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+    def rgb(h, w):
+        return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
     rgb(200, 300).save(root / "wide.png")
     rgb(300, 180).save(root / "sub" / "tall.jpg", quality=95)
     rgb(64, 64).save(root / "sub" / "deeper" / "small.webp")

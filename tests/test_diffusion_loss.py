@@ -2,9 +2,9 @@
 (ffhq_ldm.train.ema.EMA) and the layout-independent batch drawing.
 
 Expected values come from outside the code under test: the schedule is rebuilt here in float64
-numpy from DESIGN.md's formula, the forward process / v / min-SNR formulas are written out
-again, diffusers' own DDPMScheduler is a second reference, and the EMA is replayed by a plain
-loop.
+numpy from the formula (docs/design.md, Noise schedule), the forward process / v / min-SNR
+formulas are written out again, diffusers' own DDPMScheduler is a second reference, and the EMA
+is replayed by a plain loop.
 """
 
 from __future__ import annotations
@@ -19,8 +19,14 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ffhq_ldm.config import get_preset
-from ffhq_ldm.losses.diffusion import (DiffusionLoss, add_noise, draw_global_batch,
-                                       min_snr_weights, slice_for, v_target)
+from ffhq_ldm.losses.diffusion import (
+    DiffusionLoss,
+    add_noise,
+    draw_global_batch,
+    min_snr_weights,
+    slice_for,
+    v_target,
+)
 from ffhq_ldm.models.unet import build_train_scheduler
 from ffhq_ldm.train.ema import EMA
 
@@ -34,7 +40,7 @@ def sched():
 
 
 def _ref_betas() -> np.ndarray:
-    """LDM's "linear" schedule (DESIGN.md s. 3), in float64."""
+    """LDM's "linear" schedule (docs/design.md, Noise schedule), in float64."""
     return np.linspace(np.sqrt(0.0015), np.sqrt(0.0195), T, dtype=np.float64) ** 2
 
 
@@ -206,17 +212,19 @@ def test_ema_matches_reference_loop(warmup):
         d = min(decay, (1 + m) / (10 + m)) if warmup else decay
         assert ema.current_decay() == pytest.approx(d)
         ema.update(model)
-        ref = [d * r + (1 - d) * p.detach().double() for r, p in zip(ref, model.parameters())]
+        ref = [d * r + (1 - d) * p.detach().double() for r, p in zip(ref, model.parameters(),
+                                                                     strict=True)]
     assert ema.num_updates == k
-    for s, r in zip(ema.shadow, ref):
+    for s, r in zip(ema.shadow, ref, strict=True):
         assert s.dtype == torch.float32
         torch.testing.assert_close(s.double(), r, rtol=0, atol=1e-5)
     # the shadow is not simply the live weights
-    assert any(not torch.allclose(s, p.float()) for s, p in zip(ema.shadow, model.parameters()))
+    assert any(not torch.allclose(s, p.float()) for s, p in zip(ema.shadow, model.parameters(),
+                                                                strict=True))
 
     target = _model(5)
     ema.copy_to(target)
-    for s, p in zip(ema.shadow, target.parameters()):
+    for s, p in zip(ema.shadow, target.parameters(), strict=True):
         assert torch.equal(p.detach(), s)
 
 
@@ -229,12 +237,12 @@ def test_ema_keeps_fp32_shadow_of_a_bf16_model():
             p.add_(1.0)
     ema.update(model)
     d = 2 / 11  # first update (m = 1): min(0.9, (1 + 1) / (10 + 1))
-    for s, b, p in zip(ema.shadow, before, model.parameters()):
+    for s, b, p in zip(ema.shadow, before, model.parameters(), strict=True):
         assert s.dtype == torch.float32
         torch.testing.assert_close(s, d * b + (1 - d) * p.float(), rtol=0, atol=1e-6)
     target = _model(3, torch.bfloat16)
     ema.copy_to(target)
-    for s, p in zip(ema.shadow, target.parameters()):
+    for s, p in zip(ema.shadow, target.parameters(), strict=True):
         assert p.dtype == torch.bfloat16 and torch.equal(p.detach(), s.bfloat16())
 
 
@@ -255,12 +263,12 @@ def test_ema_save_load_round_trip(tmp_path):
     restored.load(path)
     assert restored.num_updates == 3
     assert restored.current_decay() == ema.current_decay()
-    for a, b in zip(ema.shadow, restored.shadow):
+    for a, b in zip(ema.shadow, restored.shadow, strict=True):
         assert torch.equal(a, b)
     # the continued averages agree too
     ema.update(model)
     restored.update(model)
-    for a, b in zip(ema.shadow, restored.shadow):
+    for a, b in zip(ema.shadow, restored.shadow, strict=True):
         assert torch.equal(a, b)
 
     other = EMA(nn.Linear(2, 2))

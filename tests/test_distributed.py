@@ -25,9 +25,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import ROOT
+from safetensors.torch import load_file
 
 ACCEL = ROOT / "configs" / "accelerate"
 COMMON = ["--preset", "tiny", "--log-with", "none", "--no-progress"]
@@ -64,7 +63,8 @@ def prepare(self, *objects, **kwargs):
     for wrapped in items:
         if isinstance(wrapped, torch.nn.Module):
             inner = getattr(wrapped, "module", wrapped)
-            initial.append({n: p.detach().cpu().contiguous().clone() for n, p in inner.named_parameters()})
+            initial.append({n: p.detach().cpu().contiguous().clone()
+                            for n, p in inner.named_parameters()})
             modules.append(wrapped)
     return result
 
@@ -181,8 +181,8 @@ def harness(tmp_path_factory):
 def tiny_vae(faces32, tmp_path_factory):
     """An untrained tiny autoencoder export: stage 2 only needs a fixed encoder."""
     from ffhq_ldm.config import get_preset
-    from ffhq_ldm.train.export import export_vae
     from ffhq_ldm.models.vae import build_vae
+    from ffhq_ldm.train.export import export_vae
 
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("tiny_vae") / "vae"

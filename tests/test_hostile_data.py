@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import load_script
 from PIL import Image
 
-from conftest import load_script
 from ffhq_ldm.cli_common import run_main
 from ffhq_ldm.data import images as images_module
 from ffhq_ldm.data.images import DataError, ImageDataset, load_failures, to_rgb

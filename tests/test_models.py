@@ -1,4 +1,4 @@
-"""The paper's models and presets, checked against the numbers in DESIGN.md section 3."""
+"""The paper's models and presets, checked against the numbers in docs/design.md."""
 
 import numpy as np
 import pytest
@@ -22,7 +22,7 @@ def paper_unet():
 
 
 def test_paper_unet_size(paper_unet):
-    # DESIGN.md: about 190 M parameters (LDM's FFHQ UNet with 192 instead of 224 channels).
+    # docs/design.md, UNet: about 190 M parameters (LDM's FFHQ UNet with 224 channels, here 192).
     assert abs(n_params(paper_unet) - 190e6) <= 5e6
 
 
@@ -54,7 +54,7 @@ def test_paper_unet_attention_exactly_at_32_16_8_and_mid(paper_unet):
 def test_paper_vae_maps_128_to_32x32_latents():
     config = get_preset("ffhq128-f4", "vae")
     vae = build_vae(config)
-    assert 50e6 < n_params(vae) < 60e6  # DESIGN.md: about 55 M
+    assert 50e6 < n_params(vae) < 60e6  # docs/design.md: about 55 M
     with torch.no_grad():
         dist = vae.encode(torch.zeros(1, 3, 128, 128)).latent_dist
         assert tuple(dist.mean.shape) == (1, config.latent_channels, 32, 32)
@@ -72,7 +72,8 @@ def test_latent_size_variants(name, shape):
 
     levels = attention_levels(unet_config, shape[1])
     sizes = [shape[1] // 2 ** i for i in range(len(levels))]
-    assert [s for s, a in zip(sizes, levels) if a] == [s for s in sizes if s in (32, 16, 8)]
+    with_attention = [s for s, a in zip(sizes, levels, strict=True) if a]
+    assert with_attention == [s for s in sizes if s in (32, 16, 8)]
 
 
 def test_ldm_linear_schedule_betas():

@@ -23,14 +23,19 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
-                       EulerDiscreteScheduler, VQModel)
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    VQModel,
+)
 
-from ffhq_ldm.sampling import make_scheduler
 from ffhq_ldm.config import get_preset
-from ffhq_ldm.train.export import export_pipeline
 from ffhq_ldm.models.unet import build_sample_scheduler, build_unet
 from ffhq_ldm.models.vae import VAELoadError, build_vae, load_vae
+from ffhq_ldm.sampling import make_scheduler
+from ffhq_ldm.train.export import export_pipeline
 from pipelines import FaceLDMPipeline
 
 # A value that looks measured: anything but 1.0 (which hides a missing division) and 0.18215
@@ -279,7 +284,7 @@ def test_defaulted_scaling_factor_is_not_exported(tmp_path):
 
 
 def ldm_alphas_cumprod() -> torch.Tensor:
-    """LDM's "linear" schedule (DESIGN.md section 3), from the formula, in float64."""
+    """LDM's "linear" schedule (docs/design.md, Noise schedule), from the formula, in float64."""
     betas = torch.linspace(0.0015 ** 0.5, 0.0195 ** 0.5, 1000, dtype=torch.float64) ** 2
     return torch.cumprod(1 - betas, 0)
 
@@ -371,8 +376,12 @@ def test_bf16_unet_and_callback(pipe):
     for name in SAMPLERS:
         pipe.scheduler = make_scheduler(name, pipe.scheduler.config)
         dtypes = []
-        images = sample(pipe, seed=0, callback_on_step_end=lambda p, i, t, kw: dtypes.append(
-            kw["latents"].dtype) or kw)
+
+        def record(p, i, t, kw, dtypes=dtypes):
+            dtypes.append(kw["latents"].dtype)
+            return kw
+
+        images = sample(pipe, seed=0, callback_on_step_end=record)
         assert dtypes == [torch.bfloat16] * STEPS, name
         assert torch.isfinite(images).all(), name
 

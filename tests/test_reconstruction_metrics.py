@@ -69,7 +69,8 @@ def _numpy_ssim_loops(x, y, weights, data_range=2.0, k1=0.01, k2=0.03):
                 vx = np.sum(weights * (px - mx) ** 2)
                 vy = np.sum(weights * (py - my) ** 2)
                 cxy = np.sum(weights * (px - mx) * (py - my))
-                vals.append(((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2)))
+                vals.append(((2 * mx * my + c1) * (2 * cxy + c2))
+                            / ((mx**2 + my**2 + c1) * (vx + vy + c2)))
         per_channel.append(np.mean(vals))
     return float(np.mean(per_channel))
 
@@ -93,7 +94,8 @@ def test_ssim_matches_numpy_loops(window):
     got = ssim(torch.from_numpy(x)[None], torch.from_numpy(y)[None], **kwargs).item()
     assert got == pytest.approx(expected, abs=1e-10)
     # float32 path agrees to float32 accuracy
-    got32 = ssim(torch.from_numpy(x)[None].float(), torch.from_numpy(y)[None].float(), **kwargs).item()
+    got32 = ssim(torch.from_numpy(x)[None].float(), torch.from_numpy(y)[None].float(),
+                 **kwargs).item()
     assert got32 == pytest.approx(expected, abs=1e-5)
 
 
@@ -103,9 +105,9 @@ def test_ssim_decreases_with_noise():
     noise = torch.randn(x.shape, generator=g)
     scores = [ssim(x, (x + s * noise).clamp(-1, 1)).item() for s in (0.0, 0.05, 0.1, 0.2, 0.4)]
     assert scores[0] == pytest.approx(1.0, abs=1e-5)
-    assert all(a > b for a, b in zip(scores, scores[1:])), scores
+    assert all(a > b for a, b in zip(scores, scores[1:], strict=False)), scores
     p = [psnr(x, (x + s * noise).clamp(-1, 1)).item() for s in (0.05, 0.1, 0.2, 0.4)]
-    assert all(a > b for a, b in zip(p, p[1:])), p
+    assert all(a > b for a, b in zip(p, p[1:], strict=False)), p
 
 
 def test_shape_errors():

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
-
 from conftest import ROOT, load_script
+
 from ffhq_ldm.evaluation import features as inception
 from ffhq_ldm.evaluation.autoencoder import ReconstructionFID, reconstruction_metrics
 

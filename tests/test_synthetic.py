@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 
 import numpy as np
 import pytest
@@ -203,7 +202,8 @@ def test_centre_differs_from_corners(sample):
     n = x.shape[1]
     c = x[:, 3 * n // 8: 5 * n // 8, 3 * n // 8: 5 * n // 8].mean(axis=(1, 2))
     k = n // 8
-    corners = np.stack([x[:, :k, :k], x[:, :k, -k:], x[:, -k:, :k], x[:, -k:, -k:]], 1).mean(axis=(1, 2, 3))
+    corners = np.stack([x[:, :k, :k], x[:, :k, -k:], x[:, -k:, :k], x[:, -k:, -k:]], 1)
+    corners = corners.mean(axis=(1, 2, 3))
     d = np.abs(c - corners).sum(axis=1)
     assert d.mean() > 60
     assert (d > 20).mean() > 0.9
@@ -214,7 +214,8 @@ def test_cheeks_show_the_skin_colour(sample):
     x, metas = sample
     n = x.shape[1]
     rows = slice(int(0.5 * n), int(0.6 * n))
-    cheeks = np.concatenate([x[:, rows, int(0.28 * n):int(0.38 * n)], x[:, rows, int(0.62 * n):int(0.72 * n)]], 2)
+    left, right = slice(int(0.28 * n), int(0.38 * n)), slice(int(0.62 * n), int(0.72 * n))
+    cheeks = np.concatenate([x[:, rows, left], x[:, rows, right]], 2)
     med = np.median(cheeks.reshape(len(x), -1, 3), axis=1)
     skin = np.array([m["skin_rgb"] for m in metas], dtype=float)
     assert (np.abs(med - skin).max(axis=1) < 40).mean() > 0.9
@@ -225,7 +226,8 @@ def test_eye_band_has_dark_pupils(sample):
     n = x.shape[1]
     lum = x @ np.array([0.299, 0.587, 0.114])
     eye_min = lum[:, int(0.36 * n):int(0.5 * n), int(0.28 * n):int(0.72 * n)].min(axis=(1, 2))
-    cheek = np.median(lum[:, int(0.5 * n):int(0.6 * n), int(0.28 * n):int(0.38 * n)].reshape(len(x), -1), axis=1)
+    cheek_px = lum[:, int(0.5 * n):int(0.6 * n), int(0.28 * n):int(0.38 * n)]
+    cheek = np.median(cheek_px.reshape(len(x), -1), axis=1)
     assert (eye_min < 0.6 * cheek).mean() > 0.95
 
 
@@ -242,18 +244,3 @@ def test_images_are_antialiased():
     for i in range(8):
         a = _arr(9, i, 128)
         assert len(np.unique(a.reshape(-1, 3), axis=0)) > 200
-
-
-# ---------------------------------------------------------------------------------------------
-# speed
-# ---------------------------------------------------------------------------------------------
-
-
-def test_rendering_speed():
-    render_face(0, 10_000)  # warm-up (imports, caches)
-    t0 = time.perf_counter()
-    for i in range(200):
-        render_face(0, i, 128)
-    elapsed = time.perf_counter() - t0
-    # Target is >= 200 img/s on one core; the test allows half of that for noisy CI machines.
-    assert elapsed < 2.0, f"200 faces took {elapsed:.2f}s"

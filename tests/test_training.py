@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from conftest import load_script
 
 COMMON = ["--preset", "tiny", "--no-progress", "--log-with", "none"]
@@ -34,7 +33,8 @@ def test_unet_training_loss_falls(vae_run, faces32, tmp_path):
         "--max-steps", "80", "--log-every", "1", "--checkpoint-every", "80",
         "--preview-every", "80"])
     assert code == 0
-    losses = [json.loads(line)["loss"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    log = (tmp_path / "log.jsonl").read_text().splitlines()
+    losses = [json.loads(line)["loss"] for line in log]
     assert len(losses) == 80
     first, last = sum(losses[:8]) / 8, sum(losses[-8:]) / 8
     print(f"UNet eps-MSE: first 10% of steps {first:.4f}, last 10% {last:.4f}")
@@ -45,8 +45,8 @@ def test_paper_unet_trains_one_full_size_step_on_cpu(tmp_path):
     """The ffhq128-f4 preset at full size: one step of train_unet.py at batch 1 (about 30 s)."""
     from ffhq_ldm.config import get_preset
     from ffhq_ldm.data.synthetic import generate_faces
-    from ffhq_ldm.train.export import export_vae
     from ffhq_ldm.models.vae import build_vae
+    from ffhq_ldm.train.export import export_vae
 
     faces = generate_faces(tmp_path / "faces", 4, size=128, progress=False)
     export_vae(build_vae(get_preset("ffhq128-f4", "vae")), tmp_path / "vae", 1.0,

@@ -48,8 +48,8 @@ def parse_args(argv=None):
                              "processes x this")
     parser.add_argument("--log-every", type=int, default=25, help="steps between log lines")
     parser.add_argument("--no-compile", action="store_true",
-                        help="do not torch.compile the UNet's training forward (compiled by default "
-                             "on CUDA only; FFHQ_LDM_COMPILE=0/1 also decides)")
+                        help="do not torch.compile the UNet's training forward (compiled by "
+                             "default on CUDA only; FFHQ_LDM_COMPILE=0/1 also decides)")
     parser.add_argument("--max-nonfinite", type=int, default=20, metavar="K",
                         help="stop (exit code 2) after K steps in a row with a non-finite loss; "
                              "each one skips its update")
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     from ffhq_ldm.data.images import open_dataset_checked
     from ffhq_ldm.data.latents import load_latent_cache
     from ffhq_ldm.data.split import read_split
-    from ffhq_ldm.models.vae import load_vae
+    from ffhq_ldm.models.vae import LatentCodec, load_vae
     from ffhq_ldm.train import stage2
     from ffhq_ldm.train.run import Run, device_memory, scalars
 
@@ -80,6 +80,7 @@ def main(argv=None) -> int:
 
     # -- autoencoder and data: split as the autoencoder's training split it ------------------
     vae = load_vae(args.vae).eval().requires_grad_(False)
+    codec = LatentCodec(vae)  # what the latent cache needs of it
     split = read_split(args.vae, vae.config.sample_size)
     resolution = split["resolution"]
     train_items, _, image_key, report = open_dataset_checked(
@@ -90,10 +91,10 @@ def main(argv=None) -> int:
     # -- latent cache: built once by the main process, then held on the device ----------------
     cache_dir = Path(args.latent_cache) if args.latent_cache else run.out / "latent_cache"
     if run.main:
-        stage2.build_cache(run, vae, train_items, cache_dir, resolution, image_key, report,
+        stage2.build_cache(run, codec, train_items, cache_dir, resolution, image_key, report,
                                args.cache_batch_size)
     run.accelerator.wait_for_everyone()
-    cache = load_latent_cache(cache_dir, vae, train_items, resolution).to(run.device)
+    cache = load_latent_cache(cache_dir, codec, train_items, resolution).to(run.device)
     latent_shape = tuple(cache.mean.shape[1:])
 
     # -- model, loss, optimiser, EMA: the step the bench times too ----------------------------

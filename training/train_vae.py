@@ -127,8 +127,8 @@ def main(argv=None) -> int:
     run.print("speed: " + ", ".join(f"{k}={v}" for k, v in parts.speed.items()))
     models = {"vae": parts.recon, "discriminator": parts.disc}
     optimizers = {"vae": parts.opt_g, "discriminator": parts.opt_d}
-    run_facts = {"num_train_images": len(train_items), "global_batch": config.batch_size * run.procs,
-                 "small_images": args.small_images}
+    run_facts = {"num_train_images": len(train_items),
+                 "global_batch": config.batch_size * run.procs, "small_images": args.small_images}
 
     # -- resume, config, the step-0 evaluation -------------------------------------------------
     run.resume(run_facts, models=models, optimizers=optimizers, guard=parts.guard)

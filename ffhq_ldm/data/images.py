@@ -22,85 +22,32 @@ from __future__ import annotations
 import hashlib
 import random
 import sys
-import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import Dataset
 
-from .scan import SMALL_IMAGE_POLICIES
+from .decode import BACKGROUND as BACKGROUND
+from .decode import IMAGE_EXTENSIONS as IMAGE_EXTENSIONS
+from .decode import DataError as DataError
+from .decode import center_crop_resize as center_crop_resize
+from .decode import check_pixels as check_pixels
+from .decode import describe_error as describe_error
+from .decode import list_images as list_images
+from .decode import load_image as load_image
+from .decode import open_image as open_image
+from .decode import to_rgb as to_rgb
+from .scan import SMALL_IMAGE_POLICIES as SMALL_IMAGE_POLICIES
+from .scan import scan_folder
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
-BACKGROUND = (255, 255, 255)  # where transparent pixels end up
-
-
-class DataError(ValueError):
-    """A dataset that cannot be used at all (missing, empty, all unreadable)."""
+# Decoding and listing live in decode.py (shared with scan.py); re-exported here.
 
 
 # ---------------------------------------------------------------------------------------------
-# Decoding one image
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB from any PIL mode, with alpha composited on ``BACKGROUND``."""
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16-bit (or 32-bit int) grayscale: scale to 8 bits instead of clipping at 255. The
-        # I;16 modes are 16-bit whatever their values (a dark image must stay dark); plain "I"
-        # says nothing about the range, so values above 255 decide.
-        array = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode != "I" or array.max() > 255 else 255.0
-        image = Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
-        rgba = image.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
-        image = Image.alpha_composite(canvas, rgba)
-    return image.convert("RGB")
-
-
-def center_crop_resize(image: Image.Image, size: int) -> Image.Image:
-    """Largest centred square, resized to ``size`` with Lanczos (antialiased when shrinking)."""
-    w, h = image.size
-    side = min(w, h)
-    left, top = (w - side) // 2, (h - side) // 2
-    image = image.crop((left, top, left + side, top + side))
-    if side != size:
-        image = image.resize((size, size), Image.LANCZOS)
-    return image
-
-
-def open_image(path) -> Image.Image:
-    """``Image.open`` that refuses decompression bombs instead of warning about them.
-
-    PIL only warns between ``MAX_IMAGE_PIXELS`` and twice that (and raises above); a warning
-    would let a 170-megapixel image be decoded in a data loader worker, so both are errors.
-    """
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        return Image.open(path)
-
-
-def check_pixels(image: Image.Image) -> None:
-    """The same limit for an image that was opened elsewhere (a HuggingFace dataset row)."""
-    limit = Image.MAX_IMAGE_PIXELS
-    if limit and image.width * image.height > limit:
-        raise Image.DecompressionBombError(
-            f"{image.width}x{image.height} pixels is over the decompression-bomb limit of "
-            f"{limit} pixels")
-
-
-def load_image(source, size: int) -> Image.Image:
-    """Open a path (or take a PIL image) and return it as a ``size`` x ``size`` RGB image."""
-    image = source if isinstance(source, Image.Image) else open_image(source)
-    check_pixels(image)
-    image.load()
-    return center_crop_resize(to_rgb(image), size)
-
+# Tensors
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """(3, H, W) float32 in [-1, 1]."""
@@ -115,21 +62,7 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# Finding images
-
-def list_images(root) -> list[Path]:
-    """Every image file below ``root`` (recursive), sorted by relative path."""
-    root = Path(root)
-    if not root.exists():
-        raise DataError(f"data folder {root} does not exist")
-    if not root.is_dir():
-        raise DataError(f"data path {root} is not a folder")
-    files = sorted(p for p in root.rglob("*")
-                   if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-    if not files:
-        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
-    return files
-
+# Splitting
 
 def split_holdout(items: Sequence, holdout: int, seed: int = 0) -> tuple[list, list]:
     """Deterministic (train, held-out) split: a seeded shuffle, the last ``holdout`` held out.
@@ -154,11 +87,6 @@ def load_failures() -> dict[str, str]:
     return dict(_LOAD_FAILURES)
 
 
-def describe_error(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text if isinstance(exc, (OSError, ValueError)) else f"{type(exc).__name__}: {text}"
-
-
 class ImageDataset(Dataset):
     """Images from a list of files or a HF dataset, preprocessed as described above.
 
@@ -166,7 +94,8 @@ class ImageDataset(Dataset):
     An image that fails to decode is replaced by the next one that does (see the module notes).
     """
 
-    def __init__(self, items: Sequence, size: int, flip: str = "random", image_key: str | None = None):
+    def __init__(self, items: Sequence, size: int, flip: str = "random",
+                 image_key: str | None = None):
         if flip not in ("random", "none", "always"):
             raise ValueError(f"flip must be random, none or always, not {flip!r}")
         self.items, self.size, self.flip, self.image_key = items, size, flip, image_key
@@ -218,7 +147,8 @@ def _hf_dataset(spec: str):
 
     rest = spec[3:]
     if rest.startswith("imagefolder:"):
-        ds = datasets.load_dataset("imagefolder", data_dir=rest[len("imagefolder:"):], split="train")
+        ds = datasets.load_dataset("imagefolder", data_dir=rest[len("imagefolder:"):],
+                                   split="train")
     else:
         name, _, split = rest.partition(":")
         ds = datasets.load_dataset(name, split=split or "train")
@@ -245,7 +175,6 @@ def open_dataset_checked(data: str, size: int, holdout: int, seed: int = 0,
             raise DataError(f"dataset {data} is empty")
         train_idx, held_idx = split_holdout(list(range(len(ds))), holdout, seed)
         return ds.select(train_idx), ds.select(held_idx), key, None
-    from .scan import scan_folder
 
     report = scan_folder(data, size, small_images, progress=progress)
     if not report.usable:

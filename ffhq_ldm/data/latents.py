@@ -1,8 +1,12 @@
 """Latent cache: every training image (and its mirror image) encoded once.
 
-Encoding on the fly costs more than the UNet step it feeds (DESIGN.md section 3), so stage 2
-trains from a cache of the posterior's mean and std (as EDM2 does) and draws
+Encoding on the fly costs more than the UNet step it feeds (docs/design.md, Latent cache), so
+stage 2 trains from a cache of the posterior's mean and std (as EDM2 does) and draws
 ``z = (mean + std · ε) · scaling_factor`` afresh each step, keeping the autoencoder's noise.
+
+The autoencoder comes in as a codec (``ffhq_ldm.models.vae.LatentCodec``, built by the
+caller): ``encode(images) -> (mean, std)``, ``fingerprint``, ``scaling_factor``,
+``sample_size``, ``latent_shape``. The data package never imports the models.
 
 Layout of a cache folder:
     manifest.json          VAE fingerprint, image count, resolution, latent shape, shard list
@@ -25,7 +29,6 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..models.vae import encode_posterior, fingerprint
 from .images import ImageDataset, items_digest, open_dataset
 from .split import read_split
 
@@ -46,7 +49,7 @@ class LatentCache:
     def __len__(self) -> int:
         return self.mean.shape[0]
 
-    def to(self, device) -> "LatentCache":
+    def to(self, device) -> LatentCache:
         return LatentCache(self.mean.to(device), self.std.to(device), self.scaling_factor)
 
     def sample(self, indices: torch.Tensor, noise: torch.Tensor | None = None,
@@ -69,8 +72,8 @@ def _write_json_atomic(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-def _expected_identity(vae, items, resolution: int) -> dict:
-    return {"version": CACHE_VERSION, "vae_fingerprint": fingerprint(vae),
+def _expected_identity(codec, items, resolution: int) -> dict:
+    return {"version": CACHE_VERSION, "vae_fingerprint": codec.fingerprint,
             "num_images": len(items), "images_digest": items_digest(items),
             "resolution": resolution}
 
@@ -88,26 +91,28 @@ def _check_identity(manifest: dict, expected: dict, cache_dir: Path) -> None:
                 f"Use another --latent-cache folder, or delete this one to rebuild it.")
 
 
-def split_for_vae(vae_dir, vae, data: str):
+def split_for_vae(vae_dir, default_resolution: int, data: str):
     """(train items, held-out items, image_key, resolution) split as the autoencoder's training was.
 
     Stage 2 and the evaluation then never see stage 1's held-out images either. An autoencoder
-    exported elsewhere (no split file) holds nothing out.
+    exported elsewhere (no split file) holds nothing out, at ``default_resolution`` (its
+    ``sample_size``).
     """
-    split = read_split(vae_dir, vae.config.sample_size)
+    split = read_split(vae_dir, default_resolution)
     train, held, key = open_dataset(data, split["resolution"], split["holdout"],
                                     split["split_seed"], split.get("small_images", "upscale"))
     return train, held, key, split["resolution"]
 
 
 @torch.no_grad()
-def build_latent_cache(vae, items, cache_dir, resolution: int, image_key=None,
+def build_latent_cache(codec, items, cache_dir, resolution: int, image_key=None,
                        batch_size: int = 64, num_workers: int = 0, device="cpu",
                        dtype=torch.float32, progress: bool = True) -> Path:
-    """Encode ``items`` (and their mirrors) into ``cache_dir``, resuming a partial cache."""
+    """Encode ``items`` (and their mirrors) with ``codec`` into ``cache_dir``, resuming a partial
+    cache."""
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    expected = _expected_identity(vae, items, resolution)
+    expected = _expected_identity(codec, items, resolution)
     manifest_file = _manifest_path(cache_dir)
     manifest = dict(expected, shard_size=batch_size, shards=[], complete=False)
     if manifest_file.is_file():
@@ -127,7 +132,7 @@ def build_latent_cache(vae, items, cache_dir, resolution: int, image_key=None,
     dataset = ImageDataset(items, resolution, flip="none", image_key=image_key)
     subset = torch.utils.data.Subset(dataset, range(start, len(items)))
     loader = DataLoader(subset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
-    vae = vae.to(device).eval()
+    codec = codec.to(device)
     bar = tqdm(total=len(items), initial=start, desc="encoding latents", unit="img",
                disable=not progress, dynamic_ncols=True)
     t0, encoded = time.perf_counter(), 0
@@ -135,7 +140,11 @@ def build_latent_cache(vae, items, cache_dir, resolution: int, image_key=None,
         images = images.to(device=device, dtype=dtype)
         with torch.autocast(device_type=torch.device(device).type, dtype=dtype,
                             enabled=dtype != torch.float32):
-            mean, std = encode_posterior(vae, torch.cat([images, images.flip(-1)]))
+            mean, std = codec.encode(torch.cat([images, images.flip(-1)]))
+        if tuple(mean.shape[1:]) != tuple(codec.latent_shape):
+            raise CacheMismatchError(
+                f"the autoencoder encodes {resolution} px images to latents of shape "
+                f"{tuple(mean.shape[1:])}, not {codec.latent_shape}")
         name = f"shard-{shard_index:05d}.safetensors"
         tmp = cache_dir / (name + ".tmp")
         save_file({"mean": mean.to(STORE_DTYPE).cpu().contiguous(),
@@ -153,16 +162,16 @@ def build_latent_cache(vae, items, cache_dir, resolution: int, image_key=None,
     return cache_dir
 
 
-def load_latent_cache(cache_dir, vae, items=None, resolution: int | None = None) -> LatentCache:
-    """Load a complete cache, refusing one that does not belong to ``vae`` (and ``items``)."""
+def load_latent_cache(cache_dir, codec, items=None, resolution: int | None = None) -> LatentCache:
+    """Load a complete cache, refusing one that does not belong to ``codec`` (and ``items``)."""
     cache_dir = Path(cache_dir)
     manifest_file = _manifest_path(cache_dir)
     if not manifest_file.is_file():
         raise FileNotFoundError(f"no latent cache in {cache_dir} (no manifest.json)")
     manifest = json.loads(manifest_file.read_text())
     if items is not None:
-        _check_identity(manifest, _expected_identity(vae, items, resolution), cache_dir)
-    elif manifest.get("vae_fingerprint") != fingerprint(vae):
+        _check_identity(manifest, _expected_identity(codec, items, resolution), cache_dir)
+    elif manifest.get("vae_fingerprint") != codec.fingerprint:
         raise CacheMismatchError(f"the latent cache in {cache_dir} was built from a different "
                                  "autoencoder; rebuild it or pass the matching --vae")
     if not manifest.get("complete"):
@@ -173,4 +182,4 @@ def load_latent_cache(cache_dir, vae, items=None, resolution: int | None = None)
         shard = load_file(str(cache_dir / name))
         means.append(shard["mean"])
         stds.append(shard["std"])
-    return LatentCache(torch.cat(means), torch.cat(stds), float(vae.config.scaling_factor))
+    return LatentCache(torch.cat(means), torch.cat(stds), codec.scaling_factor)

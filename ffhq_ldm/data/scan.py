@@ -21,7 +21,7 @@ image that decodes and records it. ``--full`` decodes every image here too, for 
 list before a long run.
 
 Handled, not problems: CMYK, 16-bit, grayscale, palette, RGBA/LA (composited on white) and
-EXIF orientation are converted by ``images.to_rgb``; the counts per mode are reported.
+EXIF orientation are converted by ``decode.to_rgb``; the counts per mode are reported.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ from collections import Counter
 from pathlib import Path
 
 # Only the standard library at import time: ``ffhq-ldm --help`` registers this command without
-# loading PIL, numpy or torch (``images`` imports torch); the functions import what they use.
+# loading PIL, numpy or torch (``decode`` imports PIL and numpy); the functions import what
+# they use. scan.py never imports images.py (images.py imports it).
 from ..config import SMALL_IMAGE_POLICIES
 
 # JPEG files end with the EOI marker; some writers append a few bytes after it (padding,
@@ -123,7 +124,7 @@ def _mode_supported(mode: str) -> bool:
     """Whether ``to_rgb`` converts this PIL mode (tried once on a 1x1 image of it)."""
     from PIL import Image
 
-    from .images import to_rgb
+    from .decode import to_rgb
 
     if mode not in _MODE_OK:
         try:
@@ -145,7 +146,7 @@ def inspect_image(path, size: int, full: bool = False) -> tuple[str | None, str,
     """(problem or None, reason, info) for one file; info has width, height, mode."""
     from PIL import Image, UnidentifiedImageError
 
-    from .images import describe_error, load_image, open_image
+    from .decode import describe_error, load_image, open_image
 
     path = Path(path)
     try:
@@ -183,7 +184,7 @@ def scan_files(files, root, size: int, small_images: str = "upscale", full: bool
                progress: bool = False) -> ScanReport:
     from tqdm.auto import tqdm
 
-    from .images import DataError
+    from .decode import DataError
 
     if small_images not in SMALL_IMAGE_POLICIES:
         raise DataError(f"small_images must be one of {SMALL_IMAGE_POLICIES}, not {small_images!r}")
@@ -216,7 +217,7 @@ def scan_files(files, root, size: int, small_images: str = "upscale", full: bool
 def scan_folder(root, size: int, small_images: str = "upscale", full: bool = False,
                 progress: bool = False) -> ScanReport:
     """Scan every image file under ``root`` (the files ``list_images`` finds)."""
-    from .images import list_images
+    from .decode import list_images
 
     return scan_files(list_images(root), root, size, small_images, full, progress)
 
@@ -225,7 +226,7 @@ def scan_folder(root, size: int, small_images: str = "upscale", full: bool = Fal
 # ffhq-ldm scan-data
 
 def _scan_data(args) -> int:
-    from .images import DataError
+    from .decode import DataError
 
     if str(args.data).startswith("hf:"):
         raise DataError("scan-data reads image folders; a HuggingFace dataset's bad rows are "

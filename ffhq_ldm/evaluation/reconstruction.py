@@ -37,7 +37,8 @@ __all__ = ["psnr", "ssim", "gaussian_window"]
 
 def _check_pair(x: torch.Tensor, y: torch.Tensor) -> None:
     if x.shape != y.shape:
-        raise ValueError(f"x and y must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+        raise ValueError(f"x and y must have the same shape, got {tuple(x.shape)} and "
+                         f"{tuple(y.shape)}")
     if x.dim() != 4:
         raise ValueError(f"expected (N, C, H, W) tensors, got shape {tuple(x.shape)}")
 
@@ -59,7 +60,8 @@ def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0) -> torch.Ten
     return 10.0 * torch.log10((data_range**2) / mse)
 
 
-def gaussian_window(size: int = 11, sigma: float = 1.5, dtype=torch.float32, device=None) -> torch.Tensor:
+def gaussian_window(size: int = 11, sigma: float = 1.5, dtype=torch.float32,
+                    device=None) -> torch.Tensor:
     """Normalised 2-D Gaussian window of shape ``(size, size)`` (sums to 1)."""
     coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2.0
     g = torch.exp(-(coords**2) / (2.0 * sigma**2))
@@ -87,14 +89,16 @@ def ssim(
     _check_pair(x, y)
     n, c, h, w = x.shape
     if h < win_size or w < win_size:
-        raise ValueError(f"images of size {h}x{w} are smaller than the {win_size}x{win_size} SSIM window")
+        raise ValueError(f"images of size {h}x{w} are smaller than the {win_size}x{win_size} SSIM "
+                         "window")
     dt = _work_dtype(x)
     x = x.to(dt)
     y = y.to(dt)
     if window == "gaussian":
         win = gaussian_window(win_size, sigma, dtype=dt, device=x.device)
     elif window == "box":
-        win = torch.full((win_size, win_size), 1.0 / (win_size * win_size), dtype=dt, device=x.device)
+        win = torch.full((win_size, win_size), 1.0 / (win_size * win_size), dtype=dt,
+                         device=x.device)
     else:
         raise ValueError(f"window must be 'gaussian' or 'box', got {window!r}")
     # Depthwise convolution: the same window applied to every channel independently.

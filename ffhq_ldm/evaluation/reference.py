@@ -17,17 +17,21 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, Optional
 
 import numpy as np
 
 from .errors import EvaluationError
-from .features import InceptionFeatureExtractor, default_batch_size, fingerprint_sha256, get_extractor
+from .features import (
+    InceptionFeatureExtractor,
+    default_batch_size,
+    fingerprint_sha256,
+    get_extractor,
+)
 from .images import list_images, relative_names
 from .metrics import gaussian_stats
 
 
-def select_subset(n: int, max_images: Optional[int], seed: int = 0) -> np.ndarray:
+def select_subset(n: int, max_images: int | None, seed: int = 0) -> np.ndarray:
     """Indices of a seeded random subset of size ``max_images`` (sorted), or all indices."""
     if max_images is None or max_images >= n:
         return np.arange(n)
@@ -38,26 +42,28 @@ def select_subset(n: int, max_images: Optional[int], seed: int = 0) -> np.ndarra
 def compute_reference(
     data_dir: str,
     out_npz: str,
-    extractor: Optional[InceptionFeatureExtractor] = None,
+    extractor: InceptionFeatureExtractor | None = None,
     resolution: int = 128,
-    batch_size: Optional[int] = None,
+    batch_size: int | None = None,
     device: str = "auto",
-    max_images: Optional[int] = None,
+    max_images: int | None = None,
     seed: int = 0,
-) -> Dict:
+) -> dict:
     """Extract Inception features of ``data_dir`` and save reference statistics to ``out_npz``."""
     paths = list_images(data_dir, "data folder")
     keep = select_subset(len(paths), max_images, seed)
     paths = [paths[i] for i in keep]
     if len(paths) < 2:
-        raise EvaluationError(f"data folder {data_dir!r} needs at least 2 images for reference statistics")
+        raise EvaluationError(f"data folder {data_dir!r} needs at least 2 images for reference "
+                              "statistics")
     if extractor is None:
         extractor = get_extractor(None, device)
     bs = batch_size or default_batch_size(extractor.device)
     feats = extractor.extract_paths(paths, resolution, bs, desc="reference features")
     mu, sigma = gaussian_stats(feats)
     fp = extractor.fingerprint(resolution)
-    meta = {"data_dir": os.path.abspath(data_dir), "num_images": len(paths), "max_images": max_images, "seed": seed,
+    meta = {"data_dir": os.path.abspath(data_dir), "num_images": len(paths),
+            "max_images": max_images, "seed": seed,
             "weights_source": extractor.source.origin}
     os.makedirs(os.path.dirname(os.path.abspath(out_npz)) or ".", exist_ok=True)
     np.savez(
@@ -74,10 +80,12 @@ def compute_reference(
             "fingerprint": fp, "meta": meta}
 
 
-def load_reference(path: str, expected_fingerprint: Optional[Dict] = None) -> Dict:
-    """Load a reference ``.npz``; raise :class:`EvaluationError` when its fingerprint differs from ``expected``."""
+def load_reference(path: str, expected_fingerprint: dict | None = None) -> dict:
+    """Load a reference ``.npz``; raise :class:`EvaluationError` when its fingerprint differs from
+    ``expected``."""
     if not os.path.isfile(path):
-        raise EvaluationError(f"reference statistics file not found: {path!r} (create it with 'evaluate ref')")
+        raise EvaluationError(f"reference statistics file not found: {path!r} (create it with "
+                              f"'evaluate ref')")
     try:
         with np.load(path, allow_pickle=False) as z:
             ref = {
@@ -93,9 +101,11 @@ def load_reference(path: str, expected_fingerprint: Optional[Dict] = None) -> Di
     if expected_fingerprint is not None and ref["fingerprint"] != expected_fingerprint:
         keys = sorted(set(ref["fingerprint"]) | set(expected_fingerprint))
         diff = [k for k in keys if ref["fingerprint"].get(k) != expected_fingerprint.get(k)]
-        details = "; ".join(f"{k}: reference={ref['fingerprint'].get(k)!r} now={expected_fingerprint.get(k)!r}" for k in diff)
+        details = "; ".join(f"{k}: reference={ref['fingerprint'].get(k)!r} "
+                            f"now={expected_fingerprint.get(k)!r}" for k in diff)
         raise EvaluationError(
-            f"reference {path!r} was computed with different feature preprocessing, FID would not be comparable "
-            f"({details}); recompute it with 'evaluate ref' using the same --inception and resolution"
+            f"reference {path!r} was computed with different feature preprocessing, FID would not "
+            f"be comparable ({details}); recompute it with 'evaluate ref' using the same "
+            "--inception and resolution"
         )
     return ref

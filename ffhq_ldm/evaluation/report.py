@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, List, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -24,8 +24,10 @@ def _font(size: int = 12):
         return ImageFont.load_default()
 
 
-def choose_grid_rows(results: List[SpaceResult], flags: np.ndarray, max_rows: int = 16) -> List[int]:
-    """Flagged samples first, then the samples closest to the training set (by ratio to each space's threshold)."""
+def choose_grid_rows(results: list[SpaceResult], flags: np.ndarray,
+                     max_rows: int = 16) -> list[int]:
+    """Flagged samples first, then the samples closest to the training set (by ratio to each
+    space's threshold)."""
     closeness = np.min(
         [r.sample_dist[:, 0] / max(r.threshold, 1e-12) for r in results], axis=0
     )
@@ -37,7 +39,7 @@ def neighbour_grid(
     samples: np.ndarray,
     train_loader,
     rows: Sequence[int],
-    results: List[SpaceResult],
+    results: list[SpaceResult],
     flags: np.ndarray,
     sample_names: Sequence[str],
     out_path: str,
@@ -69,14 +71,16 @@ def neighbour_grid(
         y = header + row * (thumb + label_h + pad)
         canvas.paste(thumb_img(samples[i]), (pad, y))
         if flags[i]:
-            draw.rectangle([pad - 2, y - 2, pad + thumb + 1, y + thumb + 1], outline=_THRESH_COLOR, width=3)
-        draw.text((pad, y + thumb + 1), os.path.basename(sample_names[i])[:16], fill=(0, 0, 0), font=font)
+            draw.rectangle([pad - 2, y - 2, pad + thumb + 1, y + thumb + 1], outline=_THRESH_COLOR,
+                           width=3)
+        draw.text((pad, y + thumb + 1), os.path.basename(sample_names[i])[:16], fill=(0, 0, 0),
+                  font=font)
         x = pad + thumb
         for r in results:
             x += gap
             idx = r.sample_idx[i]
             imgs = train_loader(list(idx))
-            for j, (ti, im) in enumerate(zip(idx, imgs)):
+            for j, im in enumerate(imgs):
                 canvas.paste(thumb_img(im), (x, y))
                 color = _THRESH_COLOR if r.sample_dist[i, j] <= r.threshold else (0, 0, 0)
                 draw.text((x, y + thumb + 1), f"d={r.sample_dist[i, j]:.4f}", fill=color, font=font)
@@ -86,8 +90,10 @@ def neighbour_grid(
     return out_path
 
 
-def histogram_image(results: List[SpaceResult], out_path: str, bins: int = 40, w: int = 640, h: int = 220) -> str:
-    """PNG with one panel per space: nearest-train distance histograms of samples vs held-out, threshold line."""
+def histogram_image(results: list[SpaceResult], out_path: str, bins: int = 40, w: int = 640,
+                    h: int = 220) -> str:
+    """PNG with one panel per space: nearest-train distance histograms of samples vs held-out,
+    threshold line."""
     font = _font(12)
     margin_l, margin_b, margin_t = 40, 34, 22
     canvas = Image.new("RGB", (w, h * len(results)), _BG)
@@ -105,7 +111,7 @@ def histogram_image(results: List[SpaceResult], out_path: str, bins: int = 40, w
         top = max(hs.max(), hh.max(), 1e-9)
         pw, ph = w - margin_l - 10, h - margin_b - margin_t
 
-        def xpix(v):
+        def xpix(v, lo=lo, hi=hi, pw=pw):
             return margin_l + (v - lo) / (hi - lo) * pw
 
         for hist, color in ((hh, _HOLDOUT_COLOR), (hs, _SAMPLE_COLOR)):
@@ -113,7 +119,8 @@ def histogram_image(results: List[SpaceResult], out_path: str, bins: int = 40, w
                 if hist[b] <= 0:
                     continue
                 y0 = margin_t + ph * (1 - hist[b] / top)
-                d.rectangle([xpix(edges[b]), y0, xpix(edges[b + 1]) - 1, margin_t + ph], fill=color + (120,))
+                d.rectangle([xpix(edges[b]), y0, xpix(edges[b + 1]) - 1, margin_t + ph],
+                            fill=color + (120,))
         panel = Image.alpha_composite(panel, overlay)
         dd = ImageDraw.Draw(panel)
         dd.line([margin_l, margin_t + ph, margin_l + pw, margin_t + ph], fill=(0, 0, 0))
@@ -125,7 +132,8 @@ def histogram_image(results: List[SpaceResult], out_path: str, bins: int = 40, w
         dd.text((w - 260, 3), "held-out", fill=_HOLDOUT_COLOR, font=font)
         dd.text((w - 190, 3), f"threshold {r.threshold:.4g}", fill=_THRESH_COLOR, font=font)
         for v in np.linspace(lo, hi, 5):
-            dd.text((min(xpix(v) - 12, w - 44), margin_t + ph + 4), f"{v:.3g}", fill=(0, 0, 0), font=font)
+            dd.text((min(xpix(v) - 12, w - 44), margin_t + ph + 4), f"{v:.3g}", fill=(0, 0, 0),
+                    font=font)
         dd.text((2, margin_t), f"{top:.2f}", fill=(0, 0, 0), font=font)
         canvas.paste(panel.convert("RGB"), (0, p * h))
     canvas.save(out_path)
@@ -144,7 +152,8 @@ def histogram_table(r: SpaceResult, bins: int = 10) -> str:
     return "\n".join(lines)
 
 
-def write_report(out_dir: str, metrics: Dict, results: List[SpaceResult], grid_png: str, hist_png: str) -> str:
+def write_report(out_dir: str, metrics: dict, results: list[SpaceResult], grid_png: str,
+                 hist_png: str) -> str:
     """Write ``report.md`` next to ``metrics.json``."""
     s = metrics["settings"]
     lines = [
@@ -155,7 +164,8 @@ def write_report(out_dir: str, metrics: Dict, results: List[SpaceResult], grid_p
         "| metric | value |",
         "|---|---|",
         f"| FID (Heusel et al. 2017) | {metrics['fid']:.3f} |",
-        f"| KID (Bińkowski et al. 2018), mean ± std over subsets | {metrics['kid']:.5f} ± {metrics['kid_std']:.5f} |",
+        f"| KID (Bińkowski et al. 2018), mean ± std over subsets | {metrics['kid']:.5f} "
+        f"± {metrics['kid_std']:.5f} |",
         f"| precision (Kynkäänniemi et al. 2019, k={s['pr_k']}) | {metrics['precision']:.4f} |",
         f"| recall | {metrics['recall']:.4f} |",
         f"| memorisation rate (either space) | {metrics['memorization_rate']:.4f} "
@@ -167,25 +177,33 @@ def write_report(out_dir: str, metrics: Dict, results: List[SpaceResult], grid_p
         "## Uniqueness",
         "",
         "A sample is flagged as memorised when its nearest-training-image distance is at most "
-        f"`{s['memo_scale']} x` the `{s['memo_quantile']}` quantile of the same distance for held-out real "
-        "images (held-out baseline: " + s["holdout"] + ").",
+        f"`{s['memo_scale']} x` the `{s['memo_quantile']}` quantile of the same distance for "
+        "held-out real images (held-out baseline: " + s["holdout"] + ").",
         "",
-        "| space | threshold | flagged | rate | sample median NN | held-out median NN | held-out 1% NN |",
+        "| space | threshold | flagged | rate | sample median NN | held-out median NN | held-out "
+        "1% NN |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in results:
         sm = r.summary()
         lines.append(
-            f"| {r.name} | {r.threshold:.5g} | {sm['num_flagged']} | {sm['memorization_rate']:.4f} | "
+            f"| {r.name} | {r.threshold:.5g} | {sm['num_flagged']} | "
+            f"{sm['memorization_rate']:.4f} | "
             f"{sm['sample_nn_quantiles']['0.5']:.5g} | {sm['holdout_nn_quantiles']['0.5']:.5g} | "
             f"{sm['holdout_nn_quantiles']['0.01']:.5g} |"
         )
     if any("random-trunk" in r.name for r in results):
-        lines += ["", "The random-trunk LPIPS row is a smoke test, not the LPIPS metric; it does not flag samples."]
-    lines += ["", "KID is an unbiased estimate, so values slightly below 0 mean 'indistinguishable at this sample size'."]
-    lines += ["", f"Flagged samples: {', '.join(metrics['memorized']) if metrics['memorized'] else 'none'}", ""]
+        lines += ["",
+                  "The random-trunk LPIPS row is a smoke test, not the LPIPS metric; it does not "
+                  "flag samples."]
+    lines += ["",
+              "KID is an unbiased estimate, so values slightly below 0 mean 'indistinguishable at "
+              "this sample size'."]
+    flagged = ", ".join(metrics["memorized"]) if metrics["memorized"] else "none"
+    lines += ["", f"Flagged samples: {flagged}", ""]
     lines += [f"![nearest training images]({os.path.basename(grid_png)})", "",
-              "Each row: a sample (red frame = flagged) and its 3 nearest training images per space, "
+              "Each row: a sample (red frame = flagged) and its 3 nearest training images per "
+              "space, "
               "flagged and closest samples first.", "",
               f"![nearest-train distance histograms]({os.path.basename(hist_png)})", ""]
     for r in results:

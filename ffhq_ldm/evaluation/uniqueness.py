@@ -41,7 +41,6 @@ that cannot be downloaded offline, so it is off by default.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -53,14 +52,18 @@ from .metrics import iter_sq_dist_blocks
 PIXEL_SIZE = 64
 
 
-def pixel_vectors(images: np.ndarray, size: int = PIXEL_SIZE, device="cpu", batch: int = 512) -> np.ndarray:
-    """uint8 ``(N, H, W, 3)`` -> float32 ``(N, 3*size*size)`` scaled so L2 distance = RMSE in [0,1] units."""
+def pixel_vectors(images: np.ndarray, size: int = PIXEL_SIZE, device="cpu",
+                  batch: int = 512) -> np.ndarray:
+    """uint8 ``(N, H, W, 3)`` -> float32 ``(N, 3*size*size)`` scaled so L2 distance = RMSE in
+    [0,1] units."""
     out = []
     dim = 3 * size * size
     for s in range(0, len(images), batch):
-        x = torch.from_numpy(np.ascontiguousarray(images[s : s + batch])).to(device).permute(0, 3, 1, 2).float() / 255.0
+        x = torch.from_numpy(np.ascontiguousarray(images[s : s + batch])).to(device)
+        x = x.permute(0, 3, 1, 2).float() / 255.0
         if x.shape[-1] != size or x.shape[-2] != size:
-            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                              antialias=True)
         out.append((x.reshape(len(x), -1) / np.sqrt(dim)).cpu().numpy())
     return np.concatenate(out, axis=0)
 
@@ -76,11 +79,12 @@ def nearest_neighbours(
     ref: np.ndarray,
     k: int = 3,
     metric: str = "l2",
-    exclude: Optional[np.ndarray] = None,
+    exclude: np.ndarray | None = None,
     device="cpu",
     block: int = 1024,
 ):
-    """k nearest ``ref`` rows for every ``query`` row; returns ``(dist (N,k), idx (N,k))`` sorted ascending.
+    """k nearest ``ref`` rows for every ``query`` row; returns ``(dist (N,k), idx (N,k))`` sorted
+    ascending.
 
     ``metric``: ``"l2"`` (Euclidean) or ``"cosine"`` (``1 - cos``; pass unit vectors or raw ones).
     ``exclude[i]``: a ref index that query ``i`` may not match (leave-one-out), or -1.
@@ -105,7 +109,8 @@ def nearest_neighbours(
     return np.concatenate(dists).astype(np.float64), np.concatenate(idxs)
 
 
-def memorization_threshold(holdout_nn: np.ndarray, quantile: float = 0.01, scale: float = 0.5) -> float:
+def memorization_threshold(holdout_nn: np.ndarray, quantile: float = 0.01,
+                           scale: float = 0.5) -> float:
     """``tau = scale * quantile(holdout nearest-train distances, q)`` (see module docstring)."""
     holdout_nn = np.asarray(holdout_nn, dtype=np.float64)
     if holdout_nn.size == 0:
@@ -122,7 +127,7 @@ class SpaceResult:
     sample_idx: np.ndarray  # (N, k) indices into the training list
     holdout_dist: np.ndarray  # (H,) nearest-train distance of each held-out image
     threshold: float
-    holdout_idx: Optional[np.ndarray] = None  # (H, k) nearest training indices of held-out images
+    holdout_idx: np.ndarray | None = None  # (H, k) nearest training indices of held-out images
     flagged: np.ndarray = field(init=False)
 
     def __post_init__(self):
@@ -132,13 +137,14 @@ class SpaceResult:
     def rate(self) -> float:
         return float(self.flagged.mean())
 
-    def summary(self) -> Dict:
+    def summary(self) -> dict:
         q = [0.0, 0.01, 0.05, 0.5, 0.95]
         return {
             "threshold": self.threshold,
             "memorization_rate": self.rate,
             "num_flagged": int(self.flagged.sum()),
-            "sample_nn_quantiles": {str(p): float(np.quantile(self.sample_dist[:, 0], p)) for p in q},
+            "sample_nn_quantiles": {str(p): float(np.quantile(self.sample_dist[:, 0],
+                                                              p)) for p in q},
             "holdout_nn_quantiles": {str(p): float(np.quantile(self.holdout_dist, p)) for p in q},
         }
 
@@ -149,20 +155,22 @@ def analyse_space(
     train_vecs: np.ndarray,
     holdout_vecs: np.ndarray,
     metric: str,
-    holdout_exclude: Optional[np.ndarray] = None,
+    holdout_exclude: np.ndarray | None = None,
     k: int = 3,
     quantile: float = 0.01,
     scale: float = 0.5,
     device="cpu",
 ) -> SpaceResult:
-    """Nearest training neighbours of samples and of held-out images in one space, plus the flag threshold."""
+    """Nearest training neighbours of samples and of held-out images in one space, plus the flag
+    threshold."""
     s_d, s_i = nearest_neighbours(sample_vecs, train_vecs, k, metric, device=device)
-    h_d, h_i = nearest_neighbours(holdout_vecs, train_vecs, k, metric, exclude=holdout_exclude, device=device)
+    h_d, h_i = nearest_neighbours(holdout_vecs, train_vecs, k, metric, exclude=holdout_exclude,
+                                  device=device)
     tau = memorization_threshold(h_d[:, 0], quantile, scale)
     return SpaceResult(name, s_d, s_i, h_d[:, 0], tau, holdout_idx=h_i)
 
 
-def combine_flags(results: List[SpaceResult]) -> np.ndarray:
+def combine_flags(results: list[SpaceResult]) -> np.ndarray:
     """A sample is memorised when any space flags it."""
     flags = np.zeros(len(results[0].flagged), dtype=bool)
     for r in results:
@@ -174,7 +182,8 @@ def lpips_distances(net, image: np.ndarray, others: np.ndarray, device="cpu") ->
     """LPIPS distance between one uint8 image ``(H, W, 3)`` and each of ``others (n, H, W, 3)``."""
 
     def to_t(a):
-        return torch.from_numpy(np.ascontiguousarray(a)).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        return torch.from_numpy(np.ascontiguousarray(a)).to(device).permute(0, 3, 1,
+                                                                            2).float() / 127.5 - 1.0
 
     with torch.no_grad():
         t = to_t(others)

@@ -4,7 +4,8 @@ Generator (autoencoder) side, per image:
     rec  = |x - x̂| + w_p · LPIPS(x, x̂)             (LPIPS with gradients)
     KL:  nll = sum over pixels of rec;  loss = nll + kl_weight · KL(q(z|x) || N(0, I))
     VQ:  nll = mean of rec;             loss = nll + codebook_weight · (codebook + commitment)
-    + λ · disc_factor · (−mean D(x̂)),   λ = disc_weight · clamp(‖∇_L nll‖ / (‖∇_L g‖ + 1e-4), 0, 1e4)
+    + λ · disc_factor · (−mean D(x̂)),
+    λ = disc_weight · clamp(‖∇_L nll‖ / (‖∇_L g‖ + 1e-4), 0, 1e4)   (Esser et al. 2021, Eq. 7)
 where L is the decoder's last layer and λ is detached. The KL branch sums over pixels (LDM),
 which is what makes kl_weight = 1e-6 the right size; the VQ branch averages (taming).
 Discriminator side: hinge loss 0.5 · (mean relu(1 − D(x)) + mean relu(1 + D(x̂))).

@@ -49,7 +49,7 @@ class DiffusionLoss:
         self.prediction_type = prediction_type
         self.snr_gamma = snr_gamma
 
-    def to(self, device) -> "DiffusionLoss":
+    def to(self, device) -> DiffusionLoss:
         self.alphas_cumprod = self.alphas_cumprod.to(device)
         return self
 

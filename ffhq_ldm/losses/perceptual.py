@@ -34,11 +34,12 @@ def trunk_search_paths(net: str) -> list[Path]:
 def _missing_trunk_message(net: str, candidates: list[Path]) -> str:
     file = TRUNK_FILES[net]
     places = ", ".join(str(p) for p in candidates)  # the given --lpips-trunk, or the defaults
+    builder = "vgg16" if net == "vgg" else "alexnet"
     return (
         f"LPIPS needs the ImageNet {net.upper()} trunk ({file}), which is not on this machine "
         f"(looked in: {places}). Either download it once on a machine with internet, e.g. "
-        f"`python -c \"import torchvision; torchvision.models.{'vgg16' if net == 'vgg' else 'alexnet'}"
-        f"(weights='DEFAULT')\"`, and copy the file to one of those places, or pass "
+        f"`python -c \"import torchvision; torchvision.models.{builder}(weights='DEFAULT')\"`, "
+        f"and copy the file to one of those places, or pass "
         f"--lpips-trunk /path/to/{file}. For a quick offline experiment (not the real metric) use "
         f"--perceptual lpips-vgg-random-trunk.")
 

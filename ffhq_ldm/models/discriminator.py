@@ -26,7 +26,8 @@ class PatchDiscriminator(nn.Module):
     tiny per-device batches or several processes without SyncBatchNorm).
     """
 
-    def __init__(self, in_channels: int = 3, channels: int = 64, layers: int = 3, norm: str = "batch"):
+    def __init__(self, in_channels: int = 3, channels: int = 64, layers: int = 3,
+                 norm: str = "batch"):
         super().__init__()
 
         def norm_layer(c: int) -> nn.Module:

@@ -15,7 +15,7 @@ def attention_levels(config: UNetConfig, latent_size: int) -> list[bool]:
 
 
 def build_unet(config: UNetConfig, latent_channels: int, latent_size: int) -> UNet2DModel:
-    """The UNet of DESIGN.md section 3 for latents of shape (latent_channels, size, size).
+    """The UNet of docs/design.md (UNet) for latents of shape (latent_channels, size, size).
 
     The paper's preset on 32x32 latents gives block types Attn x3 + plain on the way down,
     the mirror on the way up, and attention in the middle block: about 190 M parameters.

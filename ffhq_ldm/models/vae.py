@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -72,7 +73,8 @@ def measure_scaling_factor(vae, batches, generator: torch.Generator | None = Non
     total, total_sq, count = 0.0, 0.0, 0
     for images in batches:
         mean, std = encode_posterior(vae, images)
-        z = mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
+        z = mean + std * torch.randn(mean.shape, generator=generator,
+                                     dtype=mean.dtype).to(mean.device)
         z = z.double()
         total += z.sum().item()
         total_sq += (z * z).sum().item()
@@ -92,6 +94,48 @@ def fingerprint(vae) -> str:
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().float().numpy().tobytes())
     return h.hexdigest()
+
+
+class LatentCodec:
+    """What the latent cache needs of an autoencoder, built by the caller.
+
+    ``ffhq_ldm.data`` never imports the models; the cache builder and loader get one of these:
+    ``encode(images) -> (mean, std)`` of the posterior (unscaled), the ``fingerprint`` that binds
+    a cache to these weights, the measured ``scaling_factor``, the autoencoder's ``sample_size``
+    and the ``latent_shape`` (C, h, w) of one image's latents.
+    """
+
+    def __init__(self, vae):
+        self.vae = vae
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """sha256 of the config and weights, computed once (the codec's weights are fixed)."""
+        return fingerprint(self.vae)
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    @property
+    def sample_size(self) -> int:
+        return int(self.vae.config.sample_size)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        config = self.vae.config
+        channels = config.latent_channels
+        if is_vq(self.vae):  # the pre-quantisation output has the codebook's width
+            channels = config.get("vq_embed_dim") or channels
+        side = self.sample_size // 2 ** (len(config.block_out_channels) - 1)
+        return (int(channels), side, side)
+
+    def to(self, device) -> LatentCodec:
+        self.vae = self.vae.to(device).eval()
+        return self
+
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return encode_posterior(self.vae, images)
 
 
 def load_vae(path, allow_pickle: bool = False):

@@ -141,7 +141,7 @@ def load_optimizer(optimizer, path: Path) -> None:
     if len(groups) != len(current):
         raise CheckpointError(f"{path.name}: {len(groups)} parameter groups, the optimizer has "
                               f"{len(current)}")
-    for saved, now in zip(groups, current):
+    for saved, now in zip(groups, current, strict=False):
         for key, value in saved.items():  # JSON has no tuples: give back e.g. Adam's betas'
             if isinstance(now.get(key), tuple) and isinstance(value, list):
                 saved[key] = tuple(value)

@@ -70,21 +70,22 @@ class EMA:
 
     @torch.no_grad()
     def copy_to(self, model: torch.nn.Module) -> None:
-        for shadow, p in zip(self.shadow, model.parameters()):
+        for shadow, p in zip(self.shadow, model.parameters(), strict=False):
             p.copy_(shadow.to(p.dtype))
 
-    def to(self, device) -> "EMA":
+    def to(self, device) -> EMA:
         self.shadow = [s.to(device) for s in self.shadow]
         if self._skipped is not None:
             self._skipped = self._skipped.to(device)
         return self
 
     def state_dict(self) -> dict:
-        return {"shadow": dict(zip(self.names, self.shadow)), "num_updates": self.num_updates,
-                "decay": self.decay}
+        return {"shadow": dict(zip(self.names, self.shadow, strict=True)),
+                "num_updates": self.num_updates, "decay": self.decay}
 
     def save(self, path: Path) -> None:
-        tensors = {n: s.detach().cpu().contiguous() for n, s in zip(self.names, self.shadow)}
+        tensors = {n: s.detach().cpu().contiguous()
+                   for n, s in zip(self.names, self.shadow, strict=True)}
         save_file(tensors, str(path), metadata={"num_updates": str(self.num_updates),
                                                  "decay": str(self.decay)})
 

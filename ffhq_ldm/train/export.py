@@ -15,7 +15,6 @@ from ..data.split import SPLIT_FILE
 from ..io import replace_dir
 
 
-
 def export_vae(vae, out_dir: Path, scaling_factor: float, split: dict) -> Path:
     """Save ``vae`` with its measured scaling factor, plus the data split it was trained on."""
     out_dir = Path(out_dir)
@@ -53,6 +52,9 @@ def model_card(pipeline, card: dict) -> str:
     n_vae = sum(p.numel() for p in vae.parameters()) / 1e6
     size = unet.config.sample_size
     metrics = card.get("metrics") or {}
+    c = sched.config
+    schedule = (f"{c.beta_schedule}, beta {c.beta_start} to {c.beta_end}, "
+                f"{c.num_train_timesteps} steps")
     metric_lines = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
                              for k, v in metrics.items()) or "| (none measured) | |"
     return f"""---
@@ -74,7 +76,7 @@ parameters, on {unet.config.in_channels}x{size}x{size} latents; latent scaling f
 | steps | {card.get("step", "unknown")} |
 | batch size | {card.get("batch_size", "unknown")} |
 | images seen | {card.get("images_seen", "unknown")} |
-| noise schedule | {sched.config.beta_schedule}, beta {sched.config.beta_start} to {sched.config.beta_end}, {sched.config.num_train_timesteps} steps |
+| noise schedule | {schedule} |
 | prediction | {sched.config.prediction_type} |
 | weights | EMA (decay {card.get("ema_decay", "unknown")}) |
 

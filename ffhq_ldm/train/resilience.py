@@ -49,7 +49,7 @@ class GracefulStop:
         self._test_step = int(test_step) if test_step.isdigit() else None
         self._test_signal = getattr(signal, os.environ.get(TEST_SIGNAL_ENV + "_SIGNAL", "SIGTERM"))
 
-    def __enter__(self) -> "GracefulStop":
+    def __enter__(self) -> GracefulStop:
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -109,7 +109,7 @@ def exit_preempted(accelerator, stop: GracefulStop, output_dir: Path, step: int,
     return EXIT_PREEMPTED
 
 
-def exit_nonfinite(accelerator, guard: "NonFiniteGuard", output_dir: Path, step: int) -> int:
+def exit_nonfinite(accelerator, guard: NonFiniteGuard, output_dir: Path, step: int) -> int:
     """A trainer's way out after too many non-finite steps in a row: the message (which names
     the last good checkpoint) and ``EXIT_NONFINITE`` for ``main`` to return."""
     if accelerator.is_main_process:

@@ -19,7 +19,6 @@ import torch
 from ..cli_common import UsageError
 from ..config import mix_seed
 
-
 # ---------------------------------------------------------------------------------------------
 # Randomness: per-step seeds (the RNG state a checkpoint holds: ``checkpoints.capture_rng``)
 
@@ -104,7 +103,7 @@ class Throughput:
 
 
 def device_memory(device) -> dict:
-    """Peak accelerator memory in GB for the logs (empty on a CPU, where torch does not track it)."""
+    """Peak accelerator memory in GB for the logs (empty on a CPU: torch does not track it)."""
     if torch.device(device).type == "cuda":
         return {"gpu_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9}
     return {}
@@ -173,9 +172,15 @@ class Run:
         """Continue from ``--resume`` (default: the latest checkpoint): returns its trainer
         state, or None for a fresh run. Refuses a checkpoint of other settings in one line."""
         from ..io import truncate_jsonl
-        from .checkpoints import (check_resumable, checkpoint_lineage, clean_stale,
-                                  list_checkpoints, load_checkpoint, read_trainer_state,
-                                  resolve_resume)
+        from .checkpoints import (
+            check_resumable,
+            checkpoint_lineage,
+            clean_stale,
+            list_checkpoints,
+            load_checkpoint,
+            read_trainer_state,
+            resolve_resume,
+        )
 
         self.run_facts = run_facts
         if self.main:

@@ -45,7 +45,7 @@ def stand_ins(requested, used, dataset: ImageDataset, size: int, report: ScanRep
     """{file: reason} for files that failed in a worker: requested .. used (exclusive)."""
     known = {entry["file"] for entry in report.load_failures}
     failures = {}
-    for r, u in zip(requested.tolist(), used.tolist()):
+    for r, u in zip(requested.tolist(), used.tolist(), strict=False):
         j = r
         while j != u:
             name = dataset.name(j)

@@ -37,9 +37,8 @@ def build(run, config, latent_shape: tuple, *, compile: bool | None = None,
     """The UNet and everything its optimizer step needs, on ``run``'s accelerator (or, with
     ``run=None``, on ``device`` in plain PyTorch with bf16 autocast: the bench). ``compile``:
     torch.compile the training forward (None: on CUDA only, see ``speed.compile_wanted``)."""
-    from tqdm.auto import tqdm
-
     from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
 
     acc = run.accelerator if run is not None else accelerator
     device = torch.device(run.device if run is not None else device)
@@ -93,13 +92,13 @@ def micro_batches(batch: dict, micro_batch: int, run, accumulation: int) -> list
             for r in range(accumulation)]
 
 
-def build_cache(run, vae, items, cache_dir: Path, resolution: int, image_key, report,
+def build_cache(run, codec, items, cache_dir: Path, resolution: int, image_key, report,
                 batch_size: int) -> None:
     """Encode every training image and its mirror once (main process), listing what failed."""
     from ..data.images import load_failures
     from ..data.latents import build_latent_cache
 
-    build_latent_cache(vae, items, cache_dir, resolution, image_key=image_key,
+    build_latent_cache(codec, items, cache_dir, resolution, image_key=image_key,
                        batch_size=batch_size, device=run.device,
                        progress=not run.args.no_progress)
     failures = load_failures()  # images that failed to decode while encoding
