@@ -41,48 +41,31 @@ def _synth(args) -> int:
 # ---------------------------------------------------------------------------------------------
 # reconstruct, cache-latents
 
-def _reconstruct(args) -> int:
-    import json
+def _rfid_for(args, device):
+    """(ReconstructionFID or None, the Inception's source, why there is no rFID or None). A bad
+    --inception is refused before any work; a missing default one only skips rFID."""
+    if args.no_rfid:
+        return None, {}, None
+    from .evaluation.autoencoder import ReconstructionFID
+    from .evaluation.errors import EvaluationError
+    from .evaluation.features import default_batch_size, get_extractor
 
-    import torch
-    from tqdm.auto import tqdm
+    try:
+        extractor = get_extractor(args.inception, str(device))
+    except EvaluationError as exc:
+        if args.inception:
+            raise UsageError(str(exc)) from None
+        print(f"note: rFID not reported: {exc}", file=sys.stderr)
+        return None, {}, str(exc)
+    return (ReconstructionFID(extractor, default_batch_size(device)),
+            {"inception": extractor.source.origin, "inception_sha256": extractor.source.sha256},
+            None)
 
-    from .data.images import ImageDataset
-    from .data.latents import split_for_vae
-    from .evaluation.autoencoder import (
-        ReconstructionFID,
-        batched,
-        describe_metrics,
-        reconstruction_metrics,
-    )
+
+def _perceptual_for(args, device):
+    """(LPIPS module or None, its name): with --perceptual auto, VGG LPIPS if its trunk is here."""
     from .losses.perceptual import PerceptualWeightsError, build_perceptual
-    from .models.vae import Reconstructor, load_vae
-    from .sampling import pick_device
-    from .visual import save_grid
 
-    if args.batch_size <= 0 or (args.num is not None and args.num <= 0):
-        raise UsageError("--batch-size and --num must be positive")
-    device = pick_device(args.device)
-    rfid, inception, no_rfid = None, {}, None
-    if not args.no_rfid:  # first: a bad --inception is refused before any work
-        from .evaluation.errors import EvaluationError
-        from .evaluation.features import default_batch_size, get_extractor
-
-        try:
-            extractor = get_extractor(args.inception, str(device))
-        except EvaluationError as exc:
-            if args.inception:
-                raise UsageError(str(exc)) from None
-            no_rfid = str(exc)
-            print(f"note: rFID not reported: {no_rfid}", file=sys.stderr)
-        else:
-            rfid = ReconstructionFID(extractor, default_batch_size(device))
-            inception = {"inception": extractor.source.origin,
-                         "inception_sha256": extractor.source.sha256}
-    vae = load_vae(args.vae).to(device).eval()
-    train, held, key, resolution = split_for_vae(args.vae, vae.config.sample_size, args.data)
-    items, which = (held, "held-out") if len(held) and not args.all else (train, "training")
-    dataset = ImageDataset(items, resolution, flip="none", image_key=key)
     kind = args.perceptual
     try:
         perceptual = build_perceptual("lpips-vgg" if kind == "auto" else kind, args.lpips_trunk)
@@ -91,9 +74,36 @@ def _reconstruct(args) -> int:
             raise
         print("note: no LPIPS VGG trunk on this machine, LPIPS not reported (see --lpips-trunk)",
               file=sys.stderr)
-        perceptual, kind = None, "none"
-    if perceptual is not None:
-        perceptual.to(device)
+        return None, "none"
+    return (perceptual.to(device) if perceptual is not None else None), kind
+
+
+def _reconstruct(args) -> int:
+    from .train.options import require_data, require_positive, require_vae
+
+    require_positive(args, "batch_size", "num")
+    require_vae(args.vae)
+    require_data(args.data)
+
+    import json
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from .data.images import ImageDataset
+    from .data.latents import split_for_vae
+    from .evaluation.autoencoder import batched, describe_metrics, reconstruction_metrics
+    from .models.vae import Reconstructor, load_vae
+    from .sampling import pick_device
+    from .visual import save_grid
+
+    device = pick_device(args.device)
+    rfid, inception, no_rfid = _rfid_for(args, device)
+    vae = load_vae(args.vae).to(device).eval()
+    train, held, key, resolution = split_for_vae(args.vae, vae.config.sample_size, args.data)
+    items, which = (held, "held-out") if len(held) and not args.all else (train, "training")
+    dataset = ImageDataset(items, resolution, flip="none", image_key=key)
+    perceptual, kind = _perceptual_for(args, device)
 
     model = Reconstructor(vae)  # the trainer's evaluation path: posterior mode, or VQ codes
 
@@ -126,6 +136,12 @@ def _reconstruct(args) -> int:
 
 
 def _cache_latents(args) -> int:
+    from .train.options import require_data, require_positive, require_vae
+
+    require_positive(args, "batch_size")
+    require_vae(args.vae)
+    require_data(args.data)
+
     import torch
 
     from .data.latents import build_latent_cache, split_for_vae
@@ -147,6 +163,11 @@ def _cache_latents(args) -> int:
 # sample
 
 def _sample(args) -> int:
+    from .train.options import require_pipeline, require_positive
+
+    require_positive(args, "num", "steps", "batch_size")
+    require_pipeline(args.model)  # before torch loads: a wrong path is reported at once
+
     from PIL import Image
 
     from .sampling import load_pipeline, pick_device, sample_images
@@ -159,12 +180,6 @@ def _sample(args) -> int:
     )
     from .visual import save_grid
 
-    if args.num <= 0:
-        raise UsageError("--num must be positive")
-    if args.steps <= 0:
-        raise UsageError("--steps must be positive")
-    if args.batch_size <= 0:
-        raise UsageError("--batch-size must be positive")
     device = pick_device(args.device)
     dtype = args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     enable_tf32()
@@ -200,11 +215,7 @@ def _sample(args) -> int:
 
 # ---------------------------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ffhq-ldm", description=__doc__,
-                                     formatter_class=_Formatter)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
+def _add_synth(sub) -> None:
     p = sub.add_parser("synth", help="draw the built-in synthetic faces into a folder",
                        formatter_class=_Formatter,
                        description="Procedurally drawn faces, deterministic per seed: the offline "
@@ -217,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_synth)
 
+
+def _add_reconstruct(sub) -> None:
     p = sub.add_parser("reconstruct", help="reconstruct images with an autoencoder, print metrics",
                        formatter_class=_Formatter,
                        description="Encode and decode images (the held-out split the autoencoder "
@@ -245,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_reconstruct)
 
+
+def _add_cache_latents(sub) -> None:
     p = sub.add_parser("cache-latents", help="encode a dataset into a latent cache for stage 2",
                        formatter_class=_Formatter,
                        description="Encode every training image and its mirror once (posterior "
@@ -261,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cache_latents)
 
+
+def _add_sample(sub) -> None:
     p = sub.add_parser("sample", help="generate images with an exported pipeline",
                        formatter_class=_Formatter,
                        description="Sample N images from a pipeline folder into PNG files named "
@@ -287,6 +304,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_sample)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ffhq-ldm", description=__doc__,
+                                     formatter_class=_Formatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_synth(sub)
+    _add_reconstruct(sub)
+    _add_cache_latents(sub)
+    _add_sample(sub)
     try:
         from .evaluation.cli import register as register_evaluate
     except ImportError:  # evaluation extras missing: the rest of the CLI still works

@@ -62,13 +62,10 @@ def load_pipeline(model: str, sampler: str = "ddim", dtype: str = "fp32", device
 
     from pipelines.pipeline_face_ldm import FaceLDMPipeline
 
-    from .io import recover_dir
+    from .train.options import require_pipeline
 
+    require_pipeline(model)  # also puts back a MODEL.old that a killed export left
     path = Path(model)
-    recover_dir(path)  # an export killed between its two renames left only MODEL.old
-    if not (path / "model_index.json").is_file():
-        raise UsageError(f"{model} is not an exported pipeline folder (no model_index.json); "
-                         "pass the 'pipeline' folder written by training/train_unet.py")
     if dtype not in DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]

@@ -327,6 +327,37 @@ def test_bench_runs_on_cpu_and_writes_every_number(tmp_path, capsys):
                if r["task"] == "train-unet")
 
 
+def test_the_bench_times_the_trainers_own_steps(monkeypatch):
+    """The train rows run stage1/stage2's step objects, as the trainers build them: the
+    non-finite guard on, the configs' clipping, fused optimisers with the configs' betas."""
+    from ffhq_ldm import bench
+    from ffhq_ldm.train.steps import AutoencoderTrainStep
+
+    seen = []
+    for cls in (UNetTrainStep, AutoencoderTrainStep):
+        real = cls.__call__
+
+        def spy(self, *args, _real=real, **kwargs):
+            seen.append(self)
+            return _real(self, *args, **kwargs)
+        monkeypatch.setattr(cls, "__call__", spy)
+    assert bench.main(["--preset", "tiny", "--device", "cpu", "--only", "train-unet,train-vae",
+                       "--batch-size", "2", "--vae-batch-size", "2", "--steps", "1",
+                       "--warmup", "1"]) == 0
+    unet_steps = [s for s in seen if isinstance(s, UNetTrainStep)]
+    vae_steps = [s for s in seen if isinstance(s, AutoencoderTrainStep)]
+    assert unet_steps and vae_steps
+    vae_cfg, unet_cfg = get_preset("tiny", "vae"), get_preset("tiny", "unet")
+    for step in vae_steps:
+        assert step.guard is not None and step.grad_clip == vae_cfg.grad_clip
+        for opt in (step.opt_g, step.opt_d):
+            assert opt.defaults["fused"] and opt.defaults["betas"] == (0.5, 0.9)
+    for step in unet_steps:
+        assert step.guard is not None and step.grad_clip == unet_cfg.grad_clip
+        assert step.lr_scheduler is not None and step.ema is not None
+        assert step.optimizer.defaults["betas"] == (unet_cfg.adam_beta1, unet_cfg.adam_beta2)
+
+
 def test_bench_is_a_subcommand_when_registered():
     import argparse
 

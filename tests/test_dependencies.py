@@ -108,3 +108,19 @@ def test_pipelines_import_nothing_of_ffhq_ldm():
 def test_ffhq_ldm_never_imports_the_training_scripts():
     for path in (ROOT / "ffhq_ldm").rglob("*.py"):
         assert not {m for m in imports_of(path) if m.split(".")[0] == "training"}, path
+
+
+def test_functions_are_short_and_the_training_scripts_read_top_to_bottom():
+    """Every function of the library, the pipelines and the scripts within 80 lines; each
+    training script within 200."""
+    long = []
+    for folder in ("ffhq_ldm", "pipelines", "training"):
+        for path in (ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                    lines = node.end_lineno - node.lineno + 1
+                    if lines > 80:
+                        long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} {lines}")
+    assert not long
+    for script in (ROOT / "training").glob("train_*.py"):
+        assert len(script.read_text().splitlines()) <= 200, script.name

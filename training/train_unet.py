@@ -28,9 +28,9 @@ import sys
 import time
 from pathlib import Path
 
-from ffhq_ldm.cli_common import UsageError, run_main
+from ffhq_ldm.cli_common import run_main
 from ffhq_ldm.config import UNetConfig, config_from_args
-from ffhq_ldm.train.options import training_parser
+from ffhq_ldm.train.options import require_data, require_positive, require_vae, training_parser
 
 # Config fields that may differ on resume: they do not change what is trained.
 MAY_CHANGE = ("max_steps", "checkpoint_every", "preview_every", "preview_steps", "preview_images")
@@ -54,31 +54,22 @@ def parse_args(argv=None):
                         help="stop (exit code 2) after K steps in a row with a non-finite loss; "
                              "each one skips its update")
     args = parser.parse_args(argv)
-    for name in ("gradient_accumulation", "max_nonfinite", "log_every", "cache_batch_size"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
+    require_positive(args, "gradient_accumulation", "max_nonfinite", "log_every",
+                     "cache_batch_size")
+    require_data(args.data)
+    require_vae(args.vae)
     return args
 
 
-def main(argv=None) -> int:
-    started = time.perf_counter()
-    args = parse_args(argv)
-    config = config_from_args(UNetConfig, args.preset, args, "unet")
-
-    import torch
-
+def open_latents(run, args):
+    """The autoencoder, the training images (split as its training split them) and their latent
+    cache: built once by the main process, then held on the device."""
     from ffhq_ldm.data.images import open_dataset_checked
     from ffhq_ldm.data.latents import load_latent_cache
     from ffhq_ldm.data.split import read_split
     from ffhq_ldm.models.vae import LatentCodec, load_vae
     from ffhq_ldm.train import stage2
-    from ffhq_ldm.train.run import Run, device_memory, scalars
 
-    run = Run("unet", args, config, MAY_CHANGE)
-    accum = args.gradient_accumulation
-    global_batch = config.batch_size * run.procs * accum
-
-    # -- autoencoder and data: split as the autoencoder's training split it ------------------
     vae = load_vae(args.vae).eval().requires_grad_(False)
     codec = LatentCodec(vae)  # what the latent cache needs of it
     split = read_split(args.vae, vae.config.sample_size)
@@ -87,73 +78,57 @@ def main(argv=None) -> int:
         args.data, resolution, split["holdout"], split["split_seed"],
         split.get("small_images", "upscale"), progress=run.main and not args.no_progress)
     run.write_scan_report(report)
-
-    # -- latent cache: built once by the main process, then held on the device ----------------
     cache_dir = Path(args.latent_cache) if args.latent_cache else run.out / "latent_cache"
     if run.main:
         stage2.build_cache(run, codec, train_items, cache_dir, resolution, image_key, report,
-                               args.cache_batch_size)
+                           args.cache_batch_size)
     run.accelerator.wait_for_everyone()
     cache = load_latent_cache(cache_dir, codec, train_items, resolution).to(run.device)
+    return vae, train_items, cache_dir, cache
+
+
+def main(argv=None) -> int:
+    started = time.perf_counter()
+    args = parse_args(argv)
+    config = config_from_args(UNetConfig, args.preset, args, "unet")
+
+    from ffhq_ldm.train import stage2
+    from ffhq_ldm.train.run import Run
+
+    run = Run("unet", args, config, MAY_CHANGE)
+    accum = args.gradient_accumulation
+    global_batch = config.batch_size * run.procs * accum
+
+    # -- autoencoder, data and their latent cache ---------------------------------------------
+    vae, train_items, cache_dir, cache = open_latents(run, args)
     latent_shape = tuple(cache.mean.shape[1:])
 
     # -- model, loss, optimiser, EMA: the step the bench times too ----------------------------
     parts = stage2.build(run, config, latent_shape, compile=False if args.no_compile else None,
-                             max_nonfinite=args.max_nonfinite)
+                         max_nonfinite=args.max_nonfinite)
     vae.to(run.device)
+    run.print("speed: " + ", ".join(f"{k}={v}" for k, v in parts.speed.items()))
+    loop = stage2.UNetLoop(run, parts, cache, config.batch_size, accum, global_batch)
+
+    # -- resume, config ------------------------------------------------------------------------
     run_facts = {"num_train_images": len(train_items), "global_batch": global_batch,
                  "latent_shape": list(latent_shape),
                  "vae_fingerprint": stage2.cache_fingerprint(cache_dir)}
-    run.print("speed: " + ", ".join(f"{k}={v}" for k, v in parts.speed.items()))
-
-    # -- resume, config ------------------------------------------------------------------------
-    # Mean loss between log lines: summed on the device, finite steps only.
-    window = torch.zeros(2, device=run.device)  # (loss sum, count)
-    state = run.resume(run_facts, models={"unet": parts.unet}, optimizers={"unet": parts.opt},
-                       schedulers={"lr": parts.lr_sched}, ema=parts.ema, guard=parts.guard)
-    if state is not None:
-        window[0], window[1] = state["log_window"]["loss_sum"], state["log_window"]["count"]
+    loop.load_state(run.resume(run_facts, models={"unet": parts.unet},
+                               optimizers={"unet": parts.opt}, schedulers={"lr": parts.lr_sched},
+                               ema=parts.ema, guard=parts.guard))
     run.save_config(vae=args.vae, latent_cache=str(cache_dir), gradient_accumulation=accum,
                     global_batch=global_batch, latent_shape=list(latent_shape),
                     scaling_factor=cache.scaling_factor, max_nonfinite=args.max_nonfinite,
                     speed=parts.speed)
     exporter = stage2.Exporter(run, vae, parts, config, latent_shape, global_batch)
 
-    # -- training loop -------------------------------------------------------------------------
-    def step_fn(batch):
-        # forward, backward, clipping, AdamW, LR schedule and EMA, all queued on the device;
-        # a non-finite loss or gradient skips the optimizer step and the EMA update
-        slices = stage2.micro_batches(batch, config.batch_size, run, accum)
-        result = parts.step(cache, slices)
-        window[0] += torch.where(result.skipped, 0.0, result.loss)
-        window[1] += (~result.skipped).float()
-        return result, global_batch
-
-    def log_values(result, images_per_s):
-        # the only host-device sync of the loop: the mean loss every log_every steps
-        total, count = run.accelerator.reduce(window[0], "mean").item(), window[1].item()
-        window.zero_()
-        values = {"loss": total / count if count else float("nan"),
-                  "lr": parts.lr_sched.get_last_lr()[0], "images_per_s": images_per_s,
-                  "images_seen": run.images_seen, "ema_decay": parts.ema.current_decay(),
-                  **scalars(result.logs), **device_memory(run.device)}
-        if result.grad_norm is not None:
-            values["grad_norm"] = float(result.grad_norm)
-        return values
-
-    def checkpoint():
-        # the log window is averaged over processes, so every rank resumes with the same one
-        mean = run.accelerator.reduce(window[0].clone(), "mean")
-        return run.save_checkpoint(
-            {"nonfinite": parts.guard.state_dict(),
-             "log_window": {"loss_sum": mean.item(), "count": window[1].item()}},
-            models={"unet": parts.unet}, optimizers={"unet": parts.opt},
-            schedulers={"lr": parts.lr_sched}, ema=parts.ema)
-
+    # -- training loop, then the last export ---------------------------------------------------
     batches = stage2.batch_stream(run, config, global_batch, len(cache), latent_shape)
     parts.unet.train()
-    code = run.loop(batches, step_fn, parts.guard, checkpoint, desc="train unet",
-                    log_every=args.log_every, log_values=log_values, on_step=exporter.on_step)
+    code = run.loop(batches, loop.step, parts.guard, loop.checkpoint, desc="train unet",
+                    log_every=args.log_every, log_values=loop.log_values,
+                    on_step=exporter.on_step)
     if code is not None:
         return code
     exporter.finish()  # resumed at the end (stopped at its last step): export once more

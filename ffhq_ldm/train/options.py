@@ -26,3 +26,55 @@ def training_parser(description: str, config_cls) -> argparse.ArgumentParser:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_config_arguments(parser, config_cls)
     return parser
+
+
+# Checks that need no heavy import, so that a wrong path is reported at once (the loaders check
+# again, in full, once torch is there).
+
+def require_data(data: str) -> None:
+    """``--data``: an existing folder (a ``hf:`` dataset is checked when it is opened)."""
+    from pathlib import Path
+
+    from ..cli_common import UsageError
+
+    if str(data).startswith("hf:"):
+        return
+    path = Path(data)
+    if not path.exists():
+        raise UsageError(f"data folder {path} does not exist")
+    if not path.is_dir():
+        raise UsageError(f"data path {path} is not a folder")
+
+
+def require_export(folder: str, marker: str, what: str, written_by: str) -> None:
+    """An exported folder: ``marker`` (config.json, model_index.json) must be in it. A folder
+    that a killed export left as ``FOLDER.old`` is put back first."""
+    from pathlib import Path
+
+    from ..cli_common import UsageError
+    from ..io import recover_dir
+
+    path = Path(folder)
+    recover_dir(path)
+    if not (path / marker).is_file():
+        raise UsageError(f"{folder} is not an exported {what} (no {marker}); pass the folder "
+                         f"written by {written_by}")
+
+
+def require_vae(folder: str) -> None:
+    require_export(folder, "config.json", "autoencoder", "training/train_vae.py (OUTPUT/vae)")
+
+
+def require_pipeline(folder: str) -> None:
+    require_export(folder, "model_index.json", "pipeline folder",
+                   "training/train_unet.py (OUTPUT/pipeline)")
+
+
+def require_positive(args, *names: str) -> None:
+    """Integer options that must be >= 1, named as on the command line."""
+    from ..cli_common import UsageError
+
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, not {value}")

@@ -109,6 +109,44 @@ def build(run, config, *, lpips_trunk: str | None = None, max_nonfinite: int = 2
     return AutoencoderParts(vae, recon, disc, perceptual, opt_g, opt_d, guard, step, speed)
 
 
+class AutoencoderLoop:
+    """What ``Run.loop`` calls for the autoencoder: the step on each batch (noting files that
+    failed to decode in a data worker), the log values, and the checkpoint."""
+
+    def __init__(self, run, parts: AutoencoderParts, train_set: FlipEncoded, report: ScanReport):
+        self.run, self.parts, self.train_set, self.report = run, parts, train_set, report
+        self.models = {"vae": parts.recon, "discriminator": parts.disc}
+        self.optimizers = {"vae": parts.opt_g, "discriminator": parts.opt_d}
+
+    def note_load_failures(self, extra: dict | None = None) -> None:
+        """Files that failed to decode while training: into skipped_files.json."""
+        from ..data.images import load_failures
+
+        if self.run.main and self.report.add_load_failures({**load_failures(), **(extra or {})}):
+            self.report.write(self.run.out / "skipped_files.json")
+
+    def step(self, batch):
+        x, requested, used = batch
+        run = self.run
+        result = self.parts.step(x.to(run.device, non_blocking=True), run.step)
+        if (requested != used).any():
+            self.note_load_failures(stand_ins(requested, used, self.train_set.plain,
+                                              run.config.resolution, self.report))
+        return result, x.shape[0] * run.procs
+
+    def log_values(self, result, images_per_s: float) -> dict:
+        from .run import device_memory, scalars
+
+        self.note_load_failures()
+        return {**scalars(result.logs), "lr": self.parts.opt_g.param_groups[0]["lr"],
+                "images_per_s": images_per_s, "images_seen": self.run.images_seen,
+                **device_memory(self.run.device)}
+
+    def checkpoint(self) -> Path:
+        return self.run.save_checkpoint({"nonfinite": self.parts.guard.state_dict()},
+                                        models=self.models, optimizers=self.optimizers)
+
+
 def batch_stream(run, loader, sampler, batches_per_epoch: int):
     """Endless batches from the current step on: the data order is a function of (seed, epoch),
     so a resumed run continues mid-epoch exactly where an uninterrupted one would be."""

@@ -78,6 +78,58 @@ def build(run, config, latent_shape: tuple, *, compile: bool | None = None,
     return UNetParts(unet, opt, lr_sched, ema, guard, step, speed)
 
 
+class UNetLoop:
+    """What ``Run.loop`` calls for the UNet: the step on this process's share of each global
+    batch, the log values (the mean loss between log lines, summed on the device over finite
+    steps: the loop's only host read), and the checkpoint."""
+
+    def __init__(self, run, parts: UNetParts, cache, micro_batch: int, accumulation: int,
+                 global_batch: int):
+        self.run, self.parts, self.cache = run, parts, cache
+        self.micro_batch, self.accumulation, self.global_batch = (micro_batch, accumulation,
+                                                                  global_batch)
+        self.window = torch.zeros(2, device=run.device)  # (loss sum, finite steps)
+
+    def load_state(self, state: dict | None) -> None:
+        if state is not None:
+            self.window[0] = state["log_window"]["loss_sum"]
+            self.window[1] = state["log_window"]["count"]
+
+    def step(self, batch: dict):
+        # forward, backward, clipping, AdamW, LR schedule and EMA, all queued on the device;
+        # a non-finite loss or gradient skips the optimizer step and the EMA update
+        slices = micro_batches(batch, self.micro_batch, self.run, self.accumulation)
+        result = self.parts.step(self.cache, slices)
+        self.window[0] += torch.where(result.skipped, 0.0, result.loss)
+        self.window[1] += (~result.skipped).float()
+        return result, self.global_batch
+
+    def log_values(self, result, images_per_s: float) -> dict:
+        from .run import device_memory, scalars
+
+        run, parts = self.run, self.parts
+        total = run.accelerator.reduce(self.window[0], "mean").item()
+        count = self.window[1].item()
+        self.window.zero_()
+        values = {"loss": total / count if count else float("nan"),
+                  "lr": parts.lr_sched.get_last_lr()[0], "images_per_s": images_per_s,
+                  "images_seen": run.images_seen, "ema_decay": parts.ema.current_decay(),
+                  **scalars(result.logs), **device_memory(run.device)}
+        if result.grad_norm is not None:
+            values["grad_norm"] = float(result.grad_norm)
+        return values
+
+    def checkpoint(self) -> Path:
+        # the log window is averaged over processes, so every rank resumes with the same one
+        parts = self.parts
+        mean = self.run.accelerator.reduce(self.window[0].clone(), "mean")
+        return self.run.save_checkpoint(
+            {"nonfinite": parts.guard.state_dict(),
+             "log_window": {"loss_sum": mean.item(), "count": self.window[1].item()}},
+            models={"unet": parts.unet}, optimizers={"unet": parts.opt},
+            schedulers={"lr": parts.lr_sched}, ema=parts.ema)
+
+
 def batch_stream(run, config, global_batch: int, num_entries: int, latent_shape: tuple):
     """Endless global batches from the current step on: each a function of (seed, step), so a
     run draws the same ones whatever its process layout, and a resumed run continues them."""
