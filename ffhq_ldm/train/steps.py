@@ -28,7 +28,38 @@ class StepResult(NamedTuple):
     skipped: torch.Tensor | None  # the guard's device flag (True: no update); None: no guard
 
 
-class UNetTrainStep:
+class _Step:
+    """What both steps share: autocast, backward and clipping through accelerate when there is
+    one (mixed precision, DDP), plain PyTorch otherwise."""
+
+    accelerator = None
+    autocast_dtype: torch.dtype | None = None
+    grad_clip = 0.0
+    params: list = []
+
+    def _autocast(self, device):
+        if self.accelerator is not None:
+            return self.accelerator.autocast()
+        return autocast(device, self.autocast_dtype)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        if self.accelerator is not None:
+            self.accelerator.backward(loss)
+        else:
+            loss.backward()
+
+    def _clip(self) -> torch.Tensor | None:
+        """The gradient norm before clipping (None when clipping is off). The norm stays a
+        tensor and the scaling min(1, clip / norm) happens on the device: no .item(), so no
+        sync (error_if_nonfinite=True would add one)."""
+        if self.grad_clip <= 0:
+            return None
+        acc = self.accelerator
+        clip = acc.clip_grad_norm_ if acc is not None else torch.nn.utils.clip_grad_norm_
+        return clip(self.params, self.grad_clip).detach()
+
+
+class UNetTrainStep(_Step):
     """One optimizer step of the UNet on latent-cache entries, with no host-device sync.
 
     Args:
@@ -64,11 +95,6 @@ class UNetTrainStep:
         self.autocast_dtype, self.accelerator, self.guard = autocast_dtype, accelerator, guard
         self.params = [p for p in model.parameters() if p.requires_grad]
 
-    def _autocast(self, device):
-        if self.accelerator is not None:
-            return self.accelerator.autocast()
-        return autocast(device, self.autocast_dtype)
-
     def __call__(self, cache, batches) -> StepResult:
         batches = [batches] if isinstance(batches, dict) else list(batches)
         acc = self.accelerator
@@ -83,17 +109,9 @@ class UNetTrainStep:
                 with self._autocast(z.device):
                     loss, logs = self.loss_fn(self.forward, z, part["noise"], part["timesteps"])
                 scaled = loss / len(batches)
-                if acc is not None:
-                    acc.backward(scaled)
-                else:
-                    scaled.backward()
+                self._backward(scaled)
             total = scaled.detach() if total is None else total + scaled.detach()
-        grad_norm = None
-        if self.grad_clip > 0:
-            # The norm stays a tensor and the scaling min(1, clip / norm) happens on the
-            # device: no .item(), so no sync (error_if_nonfinite=True would add one).
-            clip = acc.clip_grad_norm_ if acc is not None else torch.nn.utils.clip_grad_norm_
-            grad_norm = clip(self.params, self.grad_clip).detach()
+        grad_norm = self._clip()
         skipped = None
         if self.guard is not None:
             skipped = self.guard.flag(total, grad_norm)
@@ -111,7 +129,7 @@ class UNetTrainStep:
         return StepResult(total, logs, grad_norm, skipped)
 
 
-class AutoencoderTrainStep:
+class AutoencoderTrainStep(_Step):
     """One stage-1 step: the autoencoder's update, then (from ``disc_start``) the discriminator's.
 
     Args:
@@ -137,17 +155,6 @@ class AutoencoderTrainStep:
         self.autocast_dtype, self.accelerator, self.guard = autocast_dtype, accelerator, guard
         self.params = [p for p in recon_model.parameters() if p.requires_grad]
 
-    def _autocast(self, device):
-        if self.accelerator is not None:
-            return self.accelerator.autocast()
-        return autocast(device, self.autocast_dtype)
-
-    def _backward(self, loss: torch.Tensor) -> None:
-        if self.accelerator is not None:
-            self.accelerator.backward(loss)
-        else:
-            loss.backward()
-
     def _update(self, optimizer, *values) -> torch.Tensor | None:
         """Optimiser step unless a value is not finite (with a guard); gradients zeroed."""
         if self.guard is None:
@@ -166,11 +173,7 @@ class AutoencoderTrainStep:
                 x, x_hat, step, self.last_layer,
                 posterior=None if mean is None else (mean, logvar), vq_loss=vq_loss)
         self._backward(loss)
-        grad_norm = None
-        if self.grad_clip > 0:
-            clip = (self.accelerator.clip_grad_norm_ if self.accelerator is not None
-                    else torch.nn.utils.clip_grad_norm_)
-            grad_norm = clip(self.params, self.grad_clip).detach()
+        grad_norm = self._clip()
         bad = self._update(self.opt_g, loss, grad_norm)
 
         # the discriminator's update, from disc_start on
