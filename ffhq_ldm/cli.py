@@ -206,6 +206,7 @@ def _sample(args) -> int:
 
     from .fast import (channels_last_wanted, compile_wanted, enable_tf32, maybe_compile,
                        to_channels_last)
+    from .runtime import cpu_dtype_warning, diffusers_progress
     from .visual import save_grid
 
     if args.num <= 0:
@@ -216,8 +217,12 @@ def _sample(args) -> int:
         raise UsageError("--batch-size must be positive")
     device = pick_device(args.device)
     dtype = args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    warning = cpu_dtype_warning(device, dtype)
+    if warning:
+        print(warning, file=sys.stderr)
     enable_tf32()
-    pipe = load_pipeline(args.model, args.sampler, dtype, device)
+    with diffusers_progress(not args.no_progress):  # its "Loading pipeline components" bar
+        pipe = load_pipeline(args.model, args.sampler, dtype, device)
     pipe.set_progress_bar_config(disable=True)
     for module in (pipe.unet, pipe.vae):
         to_channels_last(module, channels_last_wanted(device))

@@ -14,13 +14,15 @@ class UsageError(ValueError):
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean "your input is wrong", not "the program is broken"."""
+    from pipelines.pipeline_face_ldm import PipelineArgumentError
+
     from .data.images import DataError
     from .data.latents import CacheMismatchError
     from .losses.perceptual import PerceptualWeightsError
     from .models.vae import VAELoadError
 
     return (UsageError, ConfigError, DataError, CacheMismatchError, PerceptualWeightsError,
-            VAELoadError, FileNotFoundError)
+            VAELoadError, FileNotFoundError, PipelineArgumentError)
 
 
 def run_main(main, argv=None) -> int:
