@@ -15,13 +15,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from .cli_common import UsageError, run_main
+from .cli_common import DefaultsHelpFormatter, UsageError, run_main
 
 SAMPLERS = ("ddim", "ddpm", "dpm++", "euler")
 DTYPES = ("fp32", "bf16", "fp16")
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+class _Formatter(DefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     pass
 
 

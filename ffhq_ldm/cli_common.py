@@ -8,6 +8,16 @@ import sys
 from .config import ConfigError, add_config_arguments, preset_names
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Help lines end with "(default: X)", except where there is no default (None): those
+    options say in their own words what happens without them."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 class UsageError(ValueError):
     """Bad input from the user: reported in one line, exit code 2."""
 
@@ -40,7 +50,7 @@ def run_main(main, argv=None) -> int:
 def training_parser(description: str, config_cls) -> argparse.ArgumentParser:
     """The options both trainers share, named the same way, plus every config field."""
     parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--preset", default="ffhq128-f4", metavar="NAME",
                         help=f"configuration preset: {', '.join(preset_names())}")
     parser.add_argument("--data", required=True,

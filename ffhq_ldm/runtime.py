@@ -3,7 +3,7 @@
 ``accelerate_config.yaml`` asks for bf16 mixed precision, which is right on a GPU. On a CPU,
 torch's bf16 autocast runs the convolutions through bf16 kernels that most CPUs have no matrix
 units for: slower than fp32 and less precise. So a training run that lands on a CPU with a
-mixed-precision config trains in fp32 and says so in one line (``configs/accelerate/cpu.yaml``
+bf16 config trains in fp32 and says so in one line (``configs/accelerate/cpu.yaml``
 asks for fp32 itself and gets no note); ``ffhq-ldm sample --dtype bf16`` or ``fp16`` on a CPU
 samples as asked, after a one-line warning.
 """
@@ -37,14 +37,14 @@ def accelerator_on_cpu(env: dict | None = None) -> bool:
 def training_mixed_precision(env: dict | None = None, on_cpu: bool | None = None,
                              quiet: bool = False) -> str | None:
     """The ``mixed_precision`` argument for ``Accelerator``: None (the config decides) unless
-    the config asks for bf16 or fp16 and the run is on a CPU; then "no" (fp32), with a note
-    on stderr from the first process.
+    the config asks for bf16 and the run is on a CPU; then "no" (fp32), with a note on stderr
+    from the first process.
 
     Trainers call it as ``Accelerator(mixed_precision=training_mixed_precision(), ...)``.
     """
     env = os.environ if env is None else env
     asked = str(env.get("ACCELERATE_MIXED_PRECISION", "no")).lower()
-    if asked in ("no", ""):
+    if asked != "bf16":  # fp16 is left to the trainers, which refuse it where it overflows
         return None
     if not (accelerator_on_cpu(env) if on_cpu is None else on_cpu):
         return None

@@ -48,6 +48,7 @@ from ffhq_ldm.fast import (FastTrainStep, channels_last_wanted, enable_cudnn_aut
 from ffhq_ldm.losses.diffusion import DiffusionLoss, draw_global_batch, slice_for
 from ffhq_ldm.models.unet import build_sample_scheduler, build_train_scheduler, build_unet
 from ffhq_ldm.models.vae import load_vae
+from ffhq_ldm.runtime import training_mixed_precision
 from ffhq_ldm.train_utils import (EMA, GracefulStop, NonFiniteGuard, Throughput, append_jsonl,
                                   check_process_group, device_memory, exit_nonfinite,
                                   exit_preempted, finite_or_none, fused_supported, scalars,
@@ -98,7 +99,7 @@ def main(argv=None) -> int:
 
     # -- accelerator ---------------------------------------------------------------------------
     accelerator = Accelerator(log_with=None if args.log_with == "none" else args.log_with,
-                              project_dir=str(out))
+                              project_dir=str(out), mixed_precision=training_mixed_precision())
     check_process_group(accelerator)
     set_seed(config.seed)
     enable_tf32()  # what bf16 autocast leaves in fp32 runs on tensor cores too

@@ -21,6 +21,7 @@ Nothing lost, nothing crashes:
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -35,8 +36,8 @@ from ffhq_ldm.checkpoints import (check_resumable, checkpoint_lineage, clean_sta
                                   resolve_resume, save_checkpoint)
 from ffhq_ldm.cli_common import UsageError, run_main, training_parser
 from ffhq_ldm.config import VAEConfig, config_from_args, save_run_config, to_dict
-from ffhq_ldm.data.images import (SMALL_IMAGE_POLICIES, ImageDataset, load_failures,
-                                  open_dataset_checked)
+from ffhq_ldm.data.holdout import open_training_split
+from ffhq_ldm.data.images import SMALL_IMAGE_POLICIES, ImageDataset, load_failures
 from ffhq_ldm.data.scan import ScanReport, inspect_image
 from ffhq_ldm.evaluation import features as inception
 from ffhq_ldm.evaluation.autoencoder import (ReconstructionFID, batched, describe_metrics,
@@ -49,12 +50,13 @@ from ffhq_ldm.losses.autoencoder import AutoencoderLoss
 from ffhq_ldm.losses.perceptual import build_perceptual
 from ffhq_ldm.models.discriminator import PatchDiscriminator
 from ffhq_ldm.models.vae import Reconstructor, build_vae, decoder_last_layer, measure_scaling_factor
+from ffhq_ldm.runtime import training_mixed_precision
 from ffhq_ldm.train_utils import (EpochSampler, GracefulStop, NonFiniteGuard, Throughput,
                                   append_jsonl, check_process_group, device_memory,
                                   exit_nonfinite, exit_preempted, finite_or_none, fused_supported,
                                   ignore_stop_signals, read_json_or, scalars, seed_step,
                                   truncate_jsonl, write_json_atomic)
-from ffhq_ldm.visual import save_grid
+from ffhq_ldm.visual import log_grid, save_grid
 
 
 def parse_args(argv=None):
@@ -137,7 +139,7 @@ def main(argv=None) -> int:
 
     # -- accelerator ---------------------------------------------------------------------------
     accelerator = Accelerator(log_with=None if args.log_with == "none" else args.log_with,
-                              project_dir=str(out))
+                              project_dir=str(out), mixed_precision=training_mixed_precision())
     check_process_group(accelerator)
     if accelerator.mixed_precision == "fp16":
         raise UsageError("fp16 is refused for the autoencoder: its activations overflow to NaN. "
@@ -150,9 +152,11 @@ def main(argv=None) -> int:
                                 accelerator.num_processes)
 
     # -- data: unusable files left out (and listed) before the split ---------------------------
-    train_items, held_items, image_key, report = open_dataset_checked(
+    train_items, held_items, image_key, report, holdout = open_training_split(
         args.data, config.resolution, config.holdout, config.seed, args.small_images,
-        progress=main_proc and not args.no_progress)
+        config.batch_size * procs, progress=main_proc and not args.no_progress,
+        note=accelerator.print)
+    config = dataclasses.replace(config, holdout=holdout)  # recorded: later stages split alike
     if report is None:  # a HuggingFace dataset: not scanned, bad rows are found while loading
         report = ScanReport(args.data, config.resolution, args.small_images)
         report.files = len(train_items) + len(held_items)
@@ -302,6 +306,8 @@ def main(argv=None) -> int:
             write_json_atomic(metrics_path, history)
             save_grid(torch.cat([orig, rec]), out / "reconstructions" / f"step-{step:08d}.png",
                       nrow=orig.shape[0])
+            log_grid(accelerator, "reconstructions", torch.cat([orig, rec]), step,
+                     nrow=orig.shape[0])
             accelerator.log({f"eval/{k}": v for k, v in metrics.items()
                              if isinstance(v, (int, float))}, step=step)
             tqdm.write(f"[step {step}] held-out " + describe_metrics(metrics))
