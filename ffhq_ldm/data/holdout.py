@@ -3,8 +3,8 @@
 The paper presets hold out 256 images for reconstruction metrics: nothing on FFHQ's 70,000,
 but on a folder of 200 it would leave one image to train on. When the requested held-out set
 leaves fewer images than one global batch, it shrinks to 10% of the images (rounded down), or
-to fewer where even that would leave less than a global batch; the run says so in one line. A folder too small for one
-global batch even with nothing held out gets an error that says so.
+to fewer where even that would leave less than a global batch; the run says so in one line.
+A folder too small for one global batch even with nothing held out gets an error that says so.
 
 The split itself is ``images.split_holdout``'s, so a held-out count that fits gives exactly
 the split it always gave; the count used is what the trainer records (config and export), and
