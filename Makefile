@@ -4,8 +4,12 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEMO   ?= runs/demo
-# The accelerate config: the GPU one when CUDA is there, the CPU one otherwise.
-ACCEL  = $(shell $(BIN)/python -c "import torch; print('accelerate_config.yaml' if torch.cuda.is_available() else 'configs/accelerate/cpu.yaml')" 2>/dev/null)
+# Where torch comes from: auto = the CPU builds on Linux without nvidia-smi (when the PyTorch
+# CPU index answers), PyPI's default otherwise; cpu or pypi to choose (scripts/install_torch.sh).
+TORCH  ?= auto
+# The accelerate options: the GPU config when CUDA is there; else the CPU one, with the thread
+# count accelerate would pick itself (physical cores), given so that it does not warn about it.
+ACCEL  = $(shell $(BIN)/python -c "import torch, psutil; print('--config_file accelerate_config.yaml' if torch.cuda.is_available() else f'--config_file configs/accelerate/cpu.yaml --num_cpu_threads_per_process {psutil.cpu_count(logical=False) or 1}')" 2>/dev/null)
 
 .PHONY: install demo test test-slow lint gpu-wheels clean
 
@@ -14,15 +18,16 @@ install: $(VENV)/.installed
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	bash scripts/install_torch.sh $(BIN)/python $(TORCH)
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $@
 
 # The whole road on built-in synthetic faces: data -> autoencoder -> latent UNet -> pipeline -> grid.
 demo: install
 	$(BIN)/ffhq-ldm synth --out $(DEMO)/faces --num 2000 --seed 0
-	$(BIN)/accelerate launch --config_file $(ACCEL) training/train_vae.py \
+	$(BIN)/accelerate launch $(ACCEL) training/train_vae.py \
 		--preset demo --data $(DEMO)/faces --output-dir $(DEMO)/vae_run
-	$(BIN)/accelerate launch --config_file $(ACCEL) training/train_unet.py \
+	$(BIN)/accelerate launch $(ACCEL) training/train_unet.py \
 		--preset demo --data $(DEMO)/faces --vae $(DEMO)/vae_run/vae --output-dir $(DEMO)/unet_run
 	$(BIN)/ffhq-ldm sample --model $(DEMO)/unet_run/pipeline --num 64 --seed 0 \
 		--out $(DEMO)/samples --grid $(DEMO)/samples_grid.png

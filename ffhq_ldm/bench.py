@@ -31,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+from .cli_common import DefaultsHelpFormatter
+
 TASKS = ("train-unet", "train-vae", "encode", "sample")
 # Compiled at the largest batch, in this order (the budget may cut the last one): the training
 # step and sampling matter most for a run's wall time. The VAE step is not compiled (see train_vae).
@@ -74,7 +76,7 @@ def _task_list(text: str) -> list[str]:
     return [t for t in TASKS if t in names]
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter,
+class _HelpFormatter(DefaultsHelpFormatter,
                      argparse.RawDescriptionHelpFormatter):
     """Every option's default in its help, the description's layout kept (as ffhq-ldm's)."""
 

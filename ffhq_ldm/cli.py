@@ -15,12 +15,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from .cli_common import UsageError, run_main
+from .cli_common import DefaultsHelpFormatter, UsageError, run_main
 from .config import PERCEPTUAL_CHOICES
 from .sampling import DTYPES, SAMPLERS
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+class _Formatter(DefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     pass
 
 
@@ -170,6 +170,7 @@ def _sample(args) -> int:
 
     from PIL import Image
 
+    from .runtime import cpu_dtype_warning, diffusers_progress
     from .sampling import load_pipeline, pick_device, sample_images
     from .speed import (
         channels_last_wanted,
@@ -182,8 +183,12 @@ def _sample(args) -> int:
 
     device = pick_device(args.device)
     dtype = args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    warning = cpu_dtype_warning(device, dtype)
+    if warning:
+        print(warning, file=sys.stderr)
     enable_tf32()
-    pipe = load_pipeline(args.model, args.sampler, dtype, device)
+    with diffusers_progress(not args.no_progress):  # its "Loading pipeline components" bar
+        pipe = load_pipeline(args.model, args.sampler, dtype, device)
     pipe.set_progress_bar_config(disable=True)
     for module in (pipe.unet, pipe.vae):
         to_channels_last(module, channels_last_wanted(device))

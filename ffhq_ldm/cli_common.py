@@ -1,10 +1,22 @@
-"""What the training scripts and the ``ffhq-ldm`` CLI share: user errors and their exit code."""
+"""What the training scripts and the ``ffhq-ldm`` CLI share: user errors and their exit code,
+the help formatter."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from .config import ConfigError
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Help lines end with "(default: X)", except where the default is None and the help says
+    in its own words what happens without the option ("default 64 on CUDA, 16 on CPU")."""
+
+    def _get_help_string(self, action):
+        if action.default is None and "default" in (action.help or "").lower():
+            return action.help
+        return super()._get_help_string(action)
 
 
 class UsageError(ValueError):
@@ -15,7 +27,8 @@ class UsageError(ValueError):
 _USER_ERRORS = (("ffhq_ldm.data.images", "DataError"),
                 ("ffhq_ldm.data.latents", "CacheMismatchError"),
                 ("ffhq_ldm.losses.perceptual", "PerceptualWeightsError"),
-                ("ffhq_ldm.models.vae", "VAELoadError"))
+                ("ffhq_ldm.models.vae", "VAELoadError"),
+                ("pipelines.pipeline_face_ldm", "PipelineArgumentError"))
 
 
 def user_errors() -> tuple[type[BaseException], ...]:

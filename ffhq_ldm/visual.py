@@ -32,3 +32,14 @@ def save_grid(images, path, nrow: int | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid_array(images, nrow)).save(path)
     return path
+
+
+def log_grid(accelerator, tag: str, images, step: int, nrow: int | None = None) -> bool:
+    """Add a grid of ``images`` (as ``grid_array`` takes them) to the run's TensorBoard log at
+    ``step``, beside its PNG file; False when the run logs no TensorBoard."""
+    tracker = accelerator.get_tracker("tensorboard") if accelerator.log_with else None
+    writer = getattr(tracker, "writer", None)
+    if writer is None:
+        return False
+    writer.add_image(tag, grid_array(images, nrow), step, dataformats="HWC")
+    return True

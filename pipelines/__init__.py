@@ -1,5 +1,5 @@
 """Diffusers pipelines of this project (importable without the ffhq_ldm package)."""
 
-from .pipeline_face_ldm import FaceLDMPipeline
+from .pipeline_face_ldm import FaceLDMPipeline, PipelineArgumentError
 
-__all__ = ["FaceLDMPipeline"]
+__all__ = ["FaceLDMPipeline", "PipelineArgumentError"]

@@ -15,6 +15,8 @@ being decoded with Stable Diffusion's 0.18215.
 from __future__ import annotations
 
 import inspect
+import math
+import numbers
 from collections.abc import Callable
 
 import torch
@@ -23,6 +25,10 @@ from diffusers.schedulers import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+class PipelineArgumentError(ValueError):
+    """An argument of ``FaceLDMPipeline.__call__`` that cannot work (the caller's mistake)."""
 
 
 class FaceLDMPipeline(DiffusionPipeline):
@@ -95,6 +101,32 @@ class FaceLDMPipeline(DiffusionPipeline):
             self.vae.to(vae_dtype)
         return torch.cat(images)
 
+    def _check_call_arguments(self, batch_size, num_inference_steps, eta, latents,
+                              decode_chunk_size) -> None:
+        """Refuse, with a ValueError that names the argument, what would otherwise fail deep
+        inside torch or the scheduler, or silently produce NaN images."""
+        for name, value in (("batch_size", batch_size),
+                            ("num_inference_steps", num_inference_steps),
+                            ("decode_chunk_size", decode_chunk_size)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise PipelineArgumentError(f"{name} must be an integer >= 1, got {value!r}")
+        if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not math.isfinite(eta):
+            raise PipelineArgumentError(f"eta must be a finite number, got {eta!r}")
+        # DDIM (Song et al. 2021, "Denoising Diffusion Implicit Models", eq. 16) scales its noise
+        # by eta; the step's direction term is sqrt(1 - alpha_{t-1} - sigma_t^2) (eq. 12), real at
+        # every step for 0 <= eta <= 1 (eta = 1 is DDPM's posterior noise). Beyond 1 the root
+        # turns negative on the last steps and the images come out NaN (black).
+        if "eta" in inspect.signature(self.scheduler.step).parameters and not 0 <= eta <= 1:
+            raise PipelineArgumentError(
+                f"eta must be in [0, 1] for {type(self.scheduler).__name__} (0: deterministic "
+                f"DDIM, 1: DDPM-like noise), got {eta!r}")
+        if latents is not None and not (torch.is_tensor(latents)
+                                        and torch.is_floating_point(latents)):
+            raise PipelineArgumentError(
+                "latents must be a floating-point torch.Tensor of shape (B, C, H, W), got "
+                + type(latents).__name__
+                + (f" of {latents.dtype}" if torch.is_tensor(latents) else ""))
+
     # -- sampling ---------------------------------------------------------------------------
     @torch.no_grad()
     def __call__(
@@ -125,14 +157,16 @@ class FaceLDMPipeline(DiffusionPipeline):
                 ``callback_on_step_end_tensor_inputs``; the returned "latents" replace them.
             decode_chunk_size: images decoded at once, so large batches fit in memory.
         """
+        self._check_call_arguments(batch_size, num_inference_steps, eta, latents,
+                                   decode_chunk_size)
         if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, not {output_type!r}")
-        if num_inference_steps < 1:
-            raise ValueError("num_inference_steps must be >= 1")
+            raise PipelineArgumentError(
+                f"output_type must be one of {OUTPUT_TYPES}, not {output_type!r}")
         tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
         unknown = set(tensor_inputs) - set(self._callback_tensor_inputs)
         if unknown:
-            raise ValueError(f"callback tensors must be among {self._callback_tensor_inputs}")
+            raise PipelineArgumentError(
+                f"callback tensors must be among {self._callback_tensor_inputs}")
         if output_type != "latent":
             self._check_scaling_factor()
 
@@ -172,15 +206,17 @@ class FaceLDMPipeline(DiffusionPipeline):
         channels = self.unet.config.in_channels
         if latents is not None:
             if latents.ndim != 4 or tuple(latents.shape[1:]) != (channels, height, width):
-                raise ValueError(f"latents must have shape (B, {channels}, {height}, {width}), "
-                                 f"got {tuple(latents.shape)}")
+                raise PipelineArgumentError(
+                    f"latents must have shape (B, {channels}, {height}, {width}), "
+                    f"got {tuple(latents.shape)}")
             batch_size = latents.shape[0]  # given latents fix the batch
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise PipelineArgumentError(f"batch_size must be >= 1, got {batch_size}")
         # Checked against the effective batch, also when latents are given: scheduler.step
         # draws eta > 0 noise from these generators, one per image.
         if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(f"got {len(generator)} generators for a batch of {batch_size}")
+            raise PipelineArgumentError(
+                f"got {len(generator)} generators for a batch of {batch_size}")
         if latents is None:
             shape = (batch_size, channels, height, width)
             return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
@@ -198,4 +234,4 @@ class FaceLDMPipeline(DiffusionPipeline):
         return images
 
 
-__all__ = ["FaceLDMPipeline"]
+__all__ = ["FaceLDMPipeline", "PipelineArgumentError"]

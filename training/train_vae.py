@@ -21,6 +21,7 @@ Nothing lost, nothing crashes:
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 from ffhq_ldm.cli_common import UsageError, run_main
@@ -71,13 +72,17 @@ MAY_CHANGE = ("max_steps", "eval_every", "checkpoint_every", "scale_images", "nu
 def open_data(run, args, config):
     """(train set, held-out set, train items, image key, scan report): unusable files are left
     out (and listed) before the split, so every stage agrees on it."""
-    from ffhq_ldm.data.images import ImageDataset, open_dataset_checked
+    from ffhq_ldm.data.holdout import open_training_split
+    from ffhq_ldm.data.images import ImageDataset
     from ffhq_ldm.data.scan import ScanReport
     from ffhq_ldm.train.stage1 import FlipEncoded
 
-    train_items, held_items, image_key, report = open_dataset_checked(
+    # a held-out set that would leave less than one global batch is fitted to the folder
+    train_items, held_items, image_key, report, holdout = open_training_split(
         args.data, config.resolution, config.holdout, config.seed, args.small_images,
-        progress=run.main and not args.no_progress)
+        config.batch_size * run.procs, progress=run.main and not args.no_progress,
+        note=run.print)
+    run.config = dataclasses.replace(config, holdout=holdout)  # recorded: stage 2 splits alike
     if report is None:  # a HuggingFace dataset: not scanned, bad rows are found while loading
         report = ScanReport(args.data, config.resolution, args.small_images)
         report.files = len(train_items) + len(held_items)
@@ -127,6 +132,7 @@ def main(argv=None) -> int:
 
     # -- data, models, loss, optimisers: the step the bench times too -------------------------
     train_set, held_set, train_items, image_key, report = open_data(run, args, config)
+    config = run.config  # with the held-out count used
     batches = data_loader(run, config, train_set)
     parts = stage1.build(run, config, lpips_trunk=args.lpips_trunk,
                          max_nonfinite=args.max_nonfinite)

@@ -247,11 +247,11 @@ def _scan_data(args) -> int:
 
 def register(subparsers) -> None:
     """Add ``scan-data`` to the ``ffhq-ldm`` command line."""
-    import argparse
+    from ..cli_common import DefaultsHelpFormatter
 
     p = subparsers.add_parser(
         "scan-data", help="list the images of a folder that training would skip, and why",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
         description="Check every image file under a folder as the trainers do before they "
                     "start (header, truncation, decompression bombs, pixel mode, size). Exit "
                     "code 0: all usable; 1: problems found, usable images remain; 2: none "

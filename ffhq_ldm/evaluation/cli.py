@@ -72,16 +72,25 @@ def _cmd_calc(args) -> int:
         memo_scale=args.memo_scale, max_train=args.max_train, grid_rows=args.grid_rows,
         lpips=args.lpips, lpips_trunk=args.lpips_trunk,
     )
+    from pathlib import Path
+
+    from .caveats import small_sample_caveat
+
     keys = ("fid", "kid", "kid_std", "precision", "recall", "memorization_rate")
     print(json.dumps({k: m[k] for k in keys}))
-    print(f"wrote {args.out}/metrics.json and {args.out}/report.md")
+    caveat = small_sample_caveat(m["num_samples"], m["settings"]["reference_num_images"])
+    if caveat:
+        print(caveat)
+    out = Path(args.out)
+    print(f"wrote {out / 'metrics.json'} and {out / 'report.md'}")
     return 0
 
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Add ``evaluate {ref,calc}`` to ``subparsers`` (from ``parser.add_subparsers()``); returns
     its parser."""
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    from ..cli_common import DefaultsHelpFormatter as fmt
+
     ev = subparsers.add_parser("evaluate", help="FID/KID/precision-recall and memorisation checks",
                                description="Evaluate samples against the training data (offline).",
                                formatter_class=fmt)

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from .caveats import small_sample_caveat
 from .uniqueness import SpaceResult
 
 _BG = (255, 255, 255)
@@ -156,6 +157,7 @@ def write_report(out_dir: str, metrics: dict, results: list[SpaceResult], grid_p
                  hist_png: str) -> str:
     """Write ``report.md`` next to ``metrics.json``."""
     s = metrics["settings"]
+    caveat = small_sample_caveat(s["num_samples"], s.get("reference_num_images"))
     lines = [
         "# FaceLDM evaluation report",
         "",
@@ -174,6 +176,7 @@ def write_report(out_dir: str, metrics: dict, results: list[SpaceResult], grid_p
         "FID/KID/precision/recall compare the samples with the reference statistics; "
         f"precision/recall use {s['pr_num']} images of each set (equal sizes, as in the paper).",
         "",
+        *([f"Caveat: {caveat.removeprefix('note: ')}.", ""] if caveat else []),
         "## Uniqueness",
         "",
         "A sample is flagged as memorised when its nearest-training-image distance is at most "

@@ -45,11 +45,17 @@ def export_pipeline(pipeline, out_dir: Path, card: dict | None = None) -> Path:
     return out_dir
 
 
+def parameter_count(module) -> str:
+    """"189,703,232 (189.7 M)"; small models exactly, without a misleading "0.0 M"."""
+    n = sum(p.numel() for p in module.parameters())
+    return f"{n:,} ({n / 1e6:.1f} M)" if n >= 1e6 else f"{n:,}"
+
+
 def model_card(pipeline, card: dict) -> str:
     """A README for the exported folder: what it is, how it was trained, how to sample."""
     vae, unet, sched = pipeline.vae, pipeline.unet, pipeline.scheduler
-    n_unet = sum(p.numel() for p in unet.parameters()) / 1e6
-    n_vae = sum(p.numel() for p in vae.parameters()) / 1e6
+    n_unet = parameter_count(unet)
+    n_vae = parameter_count(vae)
     size = unet.config.sample_size
     metrics = card.get("metrics") or {}
     c = sched.config
@@ -64,7 +70,7 @@ tags: [unconditional-image-generation, latent-diffusion, faces]
 # FaceLDM pipeline
 
 An unconditional latent diffusion model for faces, trained with the FaceLDM package
-(stage 1: {type(vae).__name__}, {n_vae:.1f} M parameters; stage 2: UNet2DModel, {n_unet:.1f} M
+(stage 1: {type(vae).__name__}, {n_vae} parameters; stage 2: UNet2DModel, {n_unet}
 parameters, on {unet.config.in_channels}x{size}x{size} latents; latent scaling factor
 {vae.config.scaling_factor:.5f}, measured as 1/std of training latents).
 

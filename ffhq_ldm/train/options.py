@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import argparse
 
+from ..cli_common import DefaultsHelpFormatter
 from ..config import add_config_arguments, preset_names
 
 
 def training_parser(description: str, config_cls) -> argparse.ArgumentParser:
     """The options both trainers share, named the same way, plus every config field."""
     parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--preset", default="ffhq128-f4", metavar="NAME",
                         help=f"configuration preset: {', '.join(preset_names())}")
     parser.add_argument("--data", required=True,

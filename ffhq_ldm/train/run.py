@@ -139,12 +139,15 @@ class Run:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
+        from ..runtime import training_mixed_precision
         from ..speed import enable_cudnn_autotune, enable_tf32
 
         self.trainer, self.args, self.config, self.may_change = trainer, args, config, may_change
         self.out = Path(args.output_dir)
+        # bf16 asked for on a machine without a GPU: fp32, with a note (ffhq_ldm.runtime)
         self.accelerator = Accelerator(log_with=None if args.log_with == "none" else args.log_with,
-                                       project_dir=str(self.out))
+                                       project_dir=str(self.out),
+                                       mixed_precision=training_mixed_precision())
         check_process_group(self.accelerator)
         set_seed(config.seed)
         enable_tf32()  # what bf16 autocast leaves in fp32 runs on tensor cores too

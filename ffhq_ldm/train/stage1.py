@@ -248,7 +248,7 @@ class Evaluator:
 
         from ..evaluation.autoencoder import batched, describe_metrics, reconstruction_metrics
         from ..io import write_json_atomic
-        from ..visual import save_grid
+        from ..visual import log_grid, save_grid
 
         run, cfg, recon = self.run, self.run.config, self.parts.recon
         rfid_due = run.main and self.rfid_wanted and (self.every_eval or run.step >= cfg.max_steps)
@@ -267,13 +267,10 @@ class Evaluator:
         if run.main:
             self.history.append({"step": run.step, **metrics})
             write_json_atomic(self.path, self.history)
-            grid = torch.cat([orig, rec])
+            grid = torch.cat([orig, rec])  # originals (top row) over reconstructions
             save_grid(grid, run.out / "reconstructions" / f"step-{run.step:08d}.png",
                       nrow=orig.shape[0])
-            writer = run.tracker_writer()
-            if writer is not None:  # originals (top row) over reconstructions, in [0, 1]
-                writer.add_images("reconstructions", (grid.float().clamp(-1, 1) + 1) / 2,
-                                  run.step)
+            log_grid(run.accelerator, "reconstructions", grid, run.step, nrow=orig.shape[0])
             run.accelerator.log({f"eval/{k}": v for k, v in metrics.items()
                                  if isinstance(v, (int, float))}, step=run.step)
             tqdm.write(f"[step {run.step}] held-out " + describe_metrics(metrics))
