@@ -1,5 +1,6 @@
 """``ffhq-ldm``: one command line for every step that is not a training script.
 
+    ffhq-ldm train          vae|unet --data D --output-dir DIR ...   a trainer via accelerate
     ffhq-ldm synth          --out DIR --num N                built-in synthetic faces
     ffhq-ldm scan-data      --data D                         list unusable images before training
     ffhq-ldm reconstruct    --vae DIR --data D --out DIR     judge an autoencoder alone
@@ -204,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ffhq-ldm", description=__doc__,
                                      formatter_class=_Formatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub.add_parser("train", add_help=False,
+                   help="train a stage: [ACCELERATE OPTIONS] vae|unet [TRAINER OPTIONS] "
+                        "(accelerate launch, passing stop signals and exit codes on)")
 
     p = sub.add_parser("synth", help="draw the built-in synthetic faces into a folder",
                        formatter_class=_Formatter,
@@ -303,6 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _dispatch(argv=None) -> int:
+    if argv and argv[0] == "train":  # its options are the trainer's: not parsed here
+        from .launch import launch
+
+        return launch(list(argv[1:]))
     args = build_parser().parse_args(argv)
     return args.func(args)
 

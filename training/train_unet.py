@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from ffhq_ldm.cli_common import UsageError, run_main
+from ffhq_ldm.cli_common import UsageError, run_trainer
 from ffhq_ldm.config import UNetConfig, config_from_args
 from ffhq_ldm.train.options import training_parser
 
@@ -169,4 +169,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    sys.exit(run_trainer(main))

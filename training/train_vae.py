@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import sys
 
-from ffhq_ldm.cli_common import UsageError, run_main
+from ffhq_ldm.cli_common import UsageError, run_trainer
 from ffhq_ldm.config import SMALL_IMAGE_POLICIES, VAEConfig, config_from_args
 from ffhq_ldm.train.options import training_parser
 
@@ -187,4 +187,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    sys.exit(run_trainer(main))
