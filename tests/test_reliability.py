@@ -3,6 +3,7 @@ damaged checkpoints, two trainers on one folder, another data set on resume, tam
 and exports. Each test plants the fault and checks the documented outcome (an exit code, a
 one-line message, a fallback), not the code's own earlier output."""
 
+import json
 import os
 import shutil
 import signal
@@ -12,10 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
+import test_resilience as resilience_tests
 import torch
 from conftest import ROOT, load_script
+from test_resilience import UNET_EVERY, UNET_STEPS, assert_unet_runs_equal, checkpoint, unet_args
 
 from ffhq_ldm.cli_common import run_main
+from ffhq_ldm.train import checkpoints
 from ffhq_ldm.train.resilience import EXIT_PREEMPTED, TEST_SIGNAL_ENV
 
 COMMON = ["--preset", "tiny", "--no-progress", "--log-with", "none"]
@@ -94,11 +98,8 @@ def test_sigterm_to_the_launcher_saves_exits_75_and_resumes_bit_identically(
         as_pid_1, faces32, tmp_path):
     if as_pid_1 and (os.geteuid() != 0 or not shutil.which("unshare")):
         pytest.skip("a PID namespace needs root and unshare")
-    from test_resilience import UNET_STEPS, assert_unet_runs_equal, unet_args
-
     from ffhq_ldm.config import get_preset
     from ffhq_ldm.models.vae import build_vae
-    from ffhq_ldm.train import checkpoints
     from ffhq_ldm.train.export import export_vae
 
     torch.manual_seed(0)
@@ -128,3 +129,90 @@ def test_sigterm_to_the_launcher_saves_exits_75_and_resumes_bit_identically(
     assert len(saved) == 1 and int(saved[0].name.split("-")[1]) < UNET_STEPS, saved
     assert load_script("train_unet").main(unet_args(faces32, vae, out, cache)) == 0
     assert_unet_runs_equal(reference, out)
+
+
+# ---------------------------------------------------------------------------------------------
+# (3, 9) checksums: a damaged latest checkpoint is passed over for the one before it
+
+# the module fixtures of test_resilience: a tiny exported VAE, an uninterrupted 16-step UNet run
+tiny_vae = resilience_tests.tiny_vae
+unet_reference = resilience_tests.unet_reference
+
+
+def _flip_bytes(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(b ^ 64 for b in data[middle:middle + 64])
+    path.write_bytes(bytes(data))
+
+
+def _rerun(faces32, tiny_vae, out, cache, capsys, *more) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = run_main(load_script("train_unet").main,
+                    unet_args(faces32, tiny_vae, out, cache, *more))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("damaged", ["unet.safetensors", "ema.safetensors",
+                                     "optimizer-unet.safetensors", "rng-0.safetensors"])
+def test_a_damaged_file_in_the_latest_checkpoint_falls_back_to_the_previous_one(
+        damaged, unet_reference, faces32, tiny_vae, tmp_path, capsys):
+    reference, cache = unet_reference
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    _flip_bytes(checkpoint(out, UNET_STEPS) / damaged)
+    code, stdout, err = _rerun(faces32, tiny_vae, out, cache, capsys)
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and damaged in warnings[0] and "damaged" in warnings[0], err
+    assert f"resumed from {checkpoint(out, UNET_EVERY)} at step {UNET_EVERY}" in stdout
+    assert_unet_runs_equal(reference, out)  # retrained from step 8: the same weights
+
+
+def test_a_nan_tensor_with_a_matching_checksum_is_refused_too(unet_reference, faces32, tiny_vae,
+                                                             tmp_path, capsys):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    reference, cache = unet_reference
+    damaged = tmp_path / "damaged"
+    shutil.copytree(checkpoint(reference, UNET_STEPS), damaged)
+    with safe_open(str(damaged / "ema.safetensors"), "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(damaged / "ema.safetensors"))
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name].clone().fill_(float("nan"))
+    save_file(tensors, str(damaged / "ema.safetensors"), metadata=metadata)
+    state = json.loads((damaged / "trainer_state.json").read_text())
+    state["files"]["ema.safetensors"] = checkpoints.file_digest(damaged / "ema.safetensors")
+    (damaged / "trainer_state.json").write_text(json.dumps(state))
+    code, _, err = _rerun(faces32, tiny_vae, tmp_path / "run", cache, capsys, "--resume", damaged)
+    assert code == 2
+    assert err.strip().count("\n") == 0 and "non-finite" in err and name in err, err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s.pop("images_seen"), "'images_seen' is missing"),
+    (lambda s: s.update(step="16"), "'step' is '16', not an int"),
+    (lambda s: s.update(step=20), "says step 20 inside step-00000016"),
+])
+def test_an_edited_trainer_state_is_a_one_line_error_or_a_fallback(
+        edit, message, unet_reference, faces32, tiny_vae, tmp_path, capsys):
+    reference, cache = unet_reference
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    state_file = checkpoint(out, UNET_STEPS) / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    edit(state)
+    state_file.write_text(json.dumps(state))
+    # named by path: refused in one line
+    code, _, err = _rerun(faces32, tiny_vae, tmp_path / "other", cache, capsys, "--resume",
+                          checkpoint(out, UNET_STEPS))
+    assert code == 2 and err.startswith("error: ") and err.strip().count("\n") == 0, err
+    assert message in err and "Traceback" not in err
+    # found by auto-resume: passed over with a warning
+    code, stdout, err = _rerun(faces32, tiny_vae, out, cache, capsys)
+    assert code == 0 and message in err, err
+    assert f"at step {UNET_EVERY}" in stdout

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -159,6 +160,11 @@ class Run:
     def print(self, text: str) -> None:
         self.accelerator.print(text)
 
+    def warn(self, text: str) -> None:
+        """One line on stderr, from the main process."""
+        if self.main:
+            print(text, file=sys.stderr, flush=True)
+
     def write_scan_report(self, report) -> None:
         """``OUTPUT/skipped_files.json`` and the data line (main process)."""
         if report is None or not self.main:
@@ -175,20 +181,18 @@ class Run:
         from .checkpoints import (
             check_resumable,
             checkpoint_lineage,
+            choose_checkpoint,
             clean_stale,
             list_checkpoints,
             load_checkpoint,
-            read_trainer_state,
-            resolve_resume,
         )
 
         self.run_facts = run_facts
         if self.main:
             clean_stale(self.out)  # the hidden leftovers of a crash in the middle of a save
-        self.resumed_from = resolve_resume(self.out, self.args.resume)
-        state = None
+        chosen = choose_checkpoint(self.out, self.args.resume, self.warn)
+        self.resumed_from, state = chosen if chosen is not None else (None, None)
         if self.resumed_from is not None:
-            state = read_trainer_state(self.resumed_from)
             check_resumable(state, self.resumed_from, self.trainer, type(self.config),
                             self.config, run_facts, self.may_change)
             load_checkpoint(self.accelerator, self.resumed_from, models=models,
