@@ -216,3 +216,72 @@ def test_an_edited_trainer_state_is_a_one_line_error_or_a_fallback(
     code, stdout, err = _rerun(faces32, tiny_vae, out, cache, capsys)
     assert code == 0 and message in err, err
     assert f"at step {UNET_EVERY}" in stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# (4, 8) one run per folder; a crash before the first checkpoint leaves no repeated log lines
+
+@pytest.mark.slow
+def test_a_second_trainer_is_refused_and_a_killed_ones_log_and_lock_do_not_linger(
+        unet_reference, faces32, tiny_vae, tmp_path, capsys):
+    reference, cache = unet_reference
+    out = tmp_path / "run"
+    endless = ["--max-steps", "1000000", "--checkpoint-every", "1000000", "--preview-every",
+               "1000000"]
+    cmd = [sys.executable, str(ROOT / "training" / "train_unet.py"),
+           *unet_args(faces32, tiny_vae, out, cache), *endless]
+    first = subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        while not ((out / "log.jsonl").is_file() and
+                   (out / "log.jsonl").read_text().count("\n") >= 2):
+            assert first.poll() is None, first.communicate()[1][-3000:]
+            time.sleep(0.05)
+        code, _, err = _rerun(faces32, tiny_vae, out, cache, capsys)
+        assert code == 2 and err.strip().count("\n") == 0, err
+        assert f"pid {first.pid} on host " in err and "in use by another training run" in err
+        assert first.poll() is None  # the first run trains on
+    finally:
+        first.kill()  # kill -9 before its first checkpoint
+        first.communicate()
+    assert not (out / "checkpoints").exists() or not checkpoints.list_checkpoints(out)
+    code, _, err = _rerun(faces32, tiny_vae, out, cache, capsys)  # no stale lock
+    assert code == 0, err
+    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, UNET_STEPS + 1))
+    assert_unet_runs_equal(reference, out)
+
+
+def test_a_folder_locked_by_another_process_is_refused_until_that_process_dies(
+        faces32, tiny_vae, tmp_path, capsys):
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from ffhq_ldm.train.lock import lock_folder; "
+         f"lock_folder({str(out)!r}); print('locked', flush=True); time.sleep(600)"],
+        env=_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        code, _, err = _rerun(faces32, tiny_vae, out, tmp_path / "cache", capsys)
+        assert code == 2 and err.strip().count("\n") == 0, err
+        assert f"pid {holder.pid} on host " in err
+        assert not (out / "latent_cache").exists() and not (tmp_path / "cache").exists()
+    finally:
+        holder.kill()  # kill -9: the kernel releases the lock
+        holder.wait()
+    from ffhq_ldm.train.lock import lock_folder
+
+    assert lock_folder(out) is not None
+
+
+def test_log_lines_of_a_run_killed_before_its_first_checkpoint_are_dropped(
+        unet_reference, faces32, tiny_vae, tmp_path, capsys):
+    reference, cache = unet_reference
+    out = tmp_path / "run"
+    out.mkdir()
+    # what a run killed at step 3, before its first checkpoint, leaves: 3 lines, no checkpoint
+    (out / "log.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n"
+                                           for s in (1, 2, 3)))
+    code, _, err = _rerun(faces32, tiny_vae, out, cache, capsys)
+    assert code == 0, err
+    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, UNET_STEPS + 1))

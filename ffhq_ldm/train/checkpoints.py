@@ -408,7 +408,7 @@ def check_resumable(state: dict, path: Path, trainer: str, config_cls, config, r
     """
     from dataclasses import fields
 
-    from ..config import ConfigError, config_from_dict, to_dict
+    from ..config import config_from_dict, to_dict
 
     if state.get("trainer") != trainer:
         raise CheckpointError(f"{path} is a checkpoint of {state.get('trainer')!r}, not of "
@@ -418,9 +418,7 @@ def check_resumable(state: dict, path: Path, trainer: str, config_cls, config, r
         raise CheckpointError(f"{path / TRAINER_STATE} has no 'config' section")
     try:
         saved = to_dict(config_from_dict(config_cls, saved_dict))
-    except ConfigError as exc:
-        raise CheckpointError(f"{path / TRAINER_STATE}: {exc}") from None
-    except (TypeError, ValueError) as exc:  # e.g. a string where a number belongs
+    except (TypeError, ValueError) as exc:  # ConfigError too: e.g. a string for a number
         raise CheckpointError(f"{path / TRAINER_STATE} has an invalid config: {exc}") from None
     now = to_dict(config)
     diffs = [f"--{f.name.replace('_', '-')} {_show(saved[f.name])} (this command: "

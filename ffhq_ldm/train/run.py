@@ -147,10 +147,14 @@ class Run:
         self.accelerator = Accelerator(log_with=None if args.log_with == "none" else args.log_with,
                                        project_dir=str(self.out))
         check_process_group(self.accelerator)
+        self.main = self.accelerator.is_main_process
+        if self.main:  # before anything is read or cleaned in the folder
+            from .lock import lock_folder
+
+            self.lock = lock_folder(self.out)
         set_seed(config.seed)
         enable_tf32()  # what bf16 autocast leaves in fp32 runs on tensor cores too
         enable_cudnn_autotune()  # one input shape for the whole run: pick conv kernels once
-        self.main = self.accelerator.is_main_process
         self.device, self.procs = self.accelerator.device, self.accelerator.num_processes
         self.step = self.images_seen = 0
         self.resumed_from: Path | None = None
@@ -201,9 +205,9 @@ class Run:
             self.step, self.images_seen = state["step"], state["images_seen"]
             self.last_saved = self.step
             guard.load_state_dict(state.get("nonfinite", {}), self.step)
-            if self.main:
-                truncate_jsonl(self.out / "log.jsonl", self.step)
             self.print(f"resumed from {self.resumed_from} at step {self.step}")
+        if self.main:  # log lines past the step resumed from (0 when fresh) were never saved
+            truncate_jsonl(self.out / "log.jsonl", self.step)
         self.lineage = checkpoint_lineage(self.out, self.resumed_from, self.step)
         if len(self.lineage) < len(list_checkpoints(self.out)):
             self.print(f"note: the other checkpoints in {self.out / 'checkpoints'} are not this "
