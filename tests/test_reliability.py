@@ -285,3 +285,35 @@ def test_log_lines_of_a_run_killed_before_its_first_checkpoint_are_dropped(
     assert code == 0, err
     steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
     assert steps == list(range(1, UNET_STEPS + 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# (5, 6) data identity: by content, not by path
+
+def test_the_same_images_through_a_symlink_or_a_relative_path_are_accepted(
+        unet_reference, faces32, tiny_vae, tmp_path, capsys, monkeypatch):
+    reference, cache = unet_reference
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    link = tmp_path / "faces_link"
+    link.symlink_to(faces32, target_is_directory=True)
+    code, stdout, err = _rerun(link, tiny_vae, out, cache, capsys)
+    assert code == 0 and f"at step {UNET_STEPS}" in stdout, err
+    monkeypatch.chdir(faces32.parent)
+    code, stdout, err = _rerun(Path(faces32.name), tiny_vae, out, cache, capsys)
+    assert code == 0 and f"at step {UNET_STEPS}" in stdout, err
+
+
+def test_other_images_of_the_same_count_are_refused_by_the_cache_and_the_checkpoint(
+        unet_reference, faces32, tiny_vae, tmp_path, capsys):
+    from ffhq_ldm.data.synthetic import generate_faces
+
+    reference, cache = unet_reference
+    other = tmp_path / "other_faces"
+    generate_faces(other, len(list(faces32.glob("*.png"))), size=32, seed=1, progress=False)
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    code, _, err = _rerun(other, tiny_vae, out, cache, capsys)  # the reference's cache
+    assert code == 2 and "a different set of images" in err, err
+    code, _, err = _rerun(other, tiny_vae, out, tmp_path / "new_cache", capsys)
+    assert code == 2 and "cannot resume" in err and "data_fingerprint" in err, err

@@ -67,7 +67,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from ffhq_ldm.data.images import open_dataset_checked
+    from ffhq_ldm.data.images import items_digest, open_dataset_checked
     from ffhq_ldm.data.latents import load_latent_cache
     from ffhq_ldm.data.split import read_split
     from ffhq_ldm.models.vae import LatentCodec, load_vae
@@ -102,6 +102,7 @@ def main(argv=None) -> int:
                              max_nonfinite=args.max_nonfinite)
     vae.to(run.device)
     run_facts = {"num_train_images": len(train_items), "global_batch": global_batch,
+                 "data_fingerprint": items_digest(train_items),
                  "latent_shape": list(latent_shape),
                  "vae_fingerprint": stage2.cache_fingerprint(cache_dir)}
     run.print("speed: " + ", ".join(f"{k}={v}" for k, v in parts.speed.items()))

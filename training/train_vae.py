@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     import torch
     from torch.utils.data import DataLoader
 
-    from ffhq_ldm.data.images import load_failures
+    from ffhq_ldm.data.images import items_digest, load_failures
     from ffhq_ldm.evaluation.autoencoder import describe_metrics
     from ffhq_ldm.train import stage1
     from ffhq_ldm.train.resilience import ignore_stop_signals
@@ -128,6 +128,7 @@ def main(argv=None) -> int:
     models = {"vae": parts.recon, "discriminator": parts.disc}
     optimizers = {"vae": parts.opt_g, "discriminator": parts.opt_d}
     run_facts = {"num_train_images": len(train_items),
+                 "data_fingerprint": items_digest(train_items),
                  "global_batch": config.batch_size * run.procs, "small_images": args.small_images}
 
     # -- resume, config, the step-0 evaluation -------------------------------------------------

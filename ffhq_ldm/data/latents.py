@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from .images import ImageDataset, items_digest, open_dataset
 from .split import read_split
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: images identified by content, not by path (items_digest)
 STORE_DTYPE = torch.float16
 
 

@@ -61,6 +61,8 @@ if TYPE_CHECKING:  # annotations only
 CHECKPOINT_PREFIX = "step-"
 CHECKPOINT_FORMAT = 2  # 1 was accelerate's save_state folder (pickled optimizer/scheduler/RNG)
 TRAINER_STATE = "trainer_state.json"
+# Run facts that older checkpoints lack: compared only when the checkpoint records them.
+LATER_FACTS = ("data_fingerprint",)
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".bin", ".pt", ".pth", ".ckpt")
 
 
@@ -426,7 +428,8 @@ def check_resumable(state: dict, path: Path, trainer: str, config_cls, config, r
              if f.name not in may_change and saved[f.name] != now[f.name]]
     saved_run = state.get("run") or {}
     diffs += [f"{k} {_show(saved_run.get(k))} (this command: {_show(v)})"
-              for k, v in run.items() if saved_run.get(k) != v]
+              for k, v in run.items() if saved_run.get(k) != v
+              and not (k in LATER_FACTS and k not in saved_run)]
     if diffs:
         raise CheckpointError(
             f"cannot resume from {path}: it was trained with {'; '.join(diffs)}. Rerun with the "
