@@ -317,3 +317,54 @@ def test_other_images_of_the_same_count_are_refused_by_the_cache_and_the_checkpo
     assert code == 2 and "a different set of images" in err, err
     code, _, err = _rerun(other, tiny_vae, out, tmp_path / "new_cache", capsys)
     assert code == 2 and "cannot resume" in err and "data_fingerprint" in err, err
+
+
+# ---------------------------------------------------------------------------------------------
+# (9, 10) a damaged or tampered latent cache: one line, exit 2, before any training
+
+def _tamper_shard(change):
+    def edit(cache: Path) -> None:
+        from safetensors.torch import load_file, save_file
+
+        shard = cache / "shard-00000.safetensors"
+        save_file(change(load_file(str(shard))), str(shard))
+    return edit
+
+
+def _outside_shard(cache: Path) -> None:
+    outside = cache.parent / "elsewhere.safetensors"
+    shutil.copy(cache / "shard-00000.safetensors", outside)
+    manifest = json.loads((cache / "manifest.json").read_text())
+    manifest["shards"][0] = str(outside)
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+
+
+CACHE_FAULTS = {
+    "truncated-shard": (lambda c: (c / "shard-00000.safetensors").write_bytes(
+        (c / "shard-00000.safetensors").read_bytes()[:200]), "unreadable"),
+    "manifest-not-json": (lambda c: (c / "manifest.json").write_text("{oops"),
+                          "not valid JSON"),
+    "8x8-latents": (_tamper_shard(lambda s: {k: v[..., :8, :8].contiguous()
+                                             for k, v in s.items()}), "latents of shape"),
+    "int64-latents": (_tamper_shard(lambda s: {k: v.long() for k, v in s.items()}), "dtype"),
+    "std-60000": (_tamper_shard(lambda s: {"mean": s["mean"],
+                                           "std": torch.full_like(s["std"], 60000.0)}),
+                  "a std outside"),
+    "nan-mean": (_tamper_shard(lambda s: {"mean": s["mean"] * float("nan"), "std": s["std"]}),
+                 "non-finite"),
+    "shard-outside-the-cache": (_outside_shard, "not a shard file"),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(CACHE_FAULTS))
+def test_a_damaged_or_tampered_latent_cache_is_a_one_line_error(
+        fault, unet_reference, faces32, tiny_vae, tmp_path, capsys):
+    _, reference_cache = unet_reference
+    cache = tmp_path / "cache"
+    shutil.copytree(reference_cache, cache)
+    tamper, message = CACHE_FAULTS[fault]
+    tamper(cache)
+    code, _, err = _rerun(faces32, tiny_vae, tmp_path / "run", cache, capsys)
+    assert code == 2 and err.startswith("error: ") and err.strip().count("\n") == 0, err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
