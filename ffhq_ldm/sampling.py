@@ -62,6 +62,7 @@ def load_pipeline(model: str, sampler: str = "ddim", dtype: str = "fp32", device
 
     from pipelines.pipeline_face_ldm import FaceLDMPipeline
 
+    from .export_checks import check_pipeline_folder
     from .io import recover_dir
 
     path = Path(model)
@@ -69,6 +70,7 @@ def load_pipeline(model: str, sampler: str = "ddim", dtype: str = "fp32", device
     if not (path / "model_index.json").is_file():
         raise UsageError(f"{model} is not an exported pipeline folder (no model_index.json); "
                          "pass the 'pipeline' folder written by training/train_unet.py")
+    check_pipeline_folder(path)
     if dtype not in DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]

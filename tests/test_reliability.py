@@ -368,3 +368,56 @@ def test_a_damaged_or_tampered_latent_cache_is_a_one_line_error(
     assert code == 2 and err.startswith("error: ") and err.strip().count("\n") == 0, err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# (9, 10) an edited export: one line, exit 2, no NaN images
+
+def _edit_json(relative: str, change):
+    def edit(pipeline: Path) -> None:
+        path = pipeline / relative
+        data = json.loads(path.read_text())
+        change(data)
+        path.write_text(json.dumps(data))
+    return edit
+
+
+EXPORT_FAULTS = {
+    "unknown-unet-class": (_edit_json("model_index.json",
+                                      lambda d: d.update(unet=["diffusers", "NotAModel"])),
+                           "NotAModel"),
+    "zero-timesteps": (_edit_json("scheduler/scheduler_config.json",
+                                  lambda d: d.update(num_train_timesteps=0, trained_betas=None)),
+                       "num_train_timesteps"),
+    "two-trained-betas": (_edit_json("scheduler/scheduler_config.json",
+                                     lambda d: d.update(trained_betas=[0.1, 0.2])),
+                          "trained_betas"),
+    "a-beta-of-1.5": (_edit_json("scheduler/scheduler_config.json",
+                                 lambda d: d["trained_betas"].__setitem__(3, 1.5)),
+                      "trained_betas"),
+    "zero-scaling-factor": (_edit_json("vae/config.json", lambda d: d.update(scaling_factor=0)),
+                            "scaling_factor"),
+    "huge-sample-size": (_edit_json("vae/config.json",
+                                    lambda d: d.update(sample_size=10**9)), "sample_size"),
+    "model-index-not-json": (lambda p: (p / "model_index.json").write_text("{"),
+                             "not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(EXPORT_FAULTS))
+def test_an_edited_export_is_a_one_line_error_not_nan_images(fault, unet_reference, tmp_path,
+                                                            capsys):
+    from ffhq_ldm.cli import main as cli_main
+
+    reference, _ = unet_reference
+    pipeline = tmp_path / "pipeline"
+    shutil.copytree(reference / "pipeline", pipeline)
+    tamper, message = EXPORT_FAULTS[fault]
+    tamper(pipeline)
+    capsys.readouterr()
+    code = cli_main(["sample", "--model", str(pipeline), "--num", "1", "--steps", "2",
+                     "--device", "cpu", "--no-progress", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and err.strip().count("\n") == 0, err
+    assert message in err
+    assert not list((tmp_path / "out").glob("*.png")) if (tmp_path / "out").exists() else True
