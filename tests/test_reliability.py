@@ -421,3 +421,18 @@ def test_an_edited_export_is_a_one_line_error_not_nan_images(fault, unet_referen
     assert code == 2 and err.startswith("error: ") and err.strip().count("\n") == 0, err
     assert message in err
     assert not list((tmp_path / "out").glob("*.png")) if (tmp_path / "out").exists() else True
+
+
+def test_resuming_under_another_mixed_precision_is_allowed_with_a_note(
+        unet_reference, faces32, tiny_vae, tmp_path, capsys):
+    reference, cache = unet_reference
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    state_file = checkpoint(out, UNET_STEPS) / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["mixed_precision"] == "no"
+    state["mixed_precision"] = "bf16"  # as if saved by a bf16 run
+    state_file.write_text(json.dumps(state))
+    code, _, err = _rerun(faces32, tiny_vae, out, cache, capsys)
+    assert code == 0, err
+    assert "mixed precision bf16, this run uses no" in err and "not bit-identically" in err

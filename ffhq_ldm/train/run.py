@@ -206,6 +206,12 @@ class Run:
             self.last_saved = self.step
             guard.load_state_dict(state.get("nonfinite", {}), self.step)
             self.print(f"resumed from {self.resumed_from} at step {self.step}")
+            saved_precision = state.get("mixed_precision")
+            if saved_precision and saved_precision != self.accelerator.mixed_precision:
+                # allowed (another machine may lack bf16), but no longer bit-exact
+                self.warn(f"note: {self.resumed_from} was trained with mixed precision "
+                          f"{saved_precision}, this run uses {self.accelerator.mixed_precision}: "
+                          "it continues, but not bit-identically to an uninterrupted run")
         if self.main:  # log lines past the step resumed from (0 when fresh) were never saved
             truncate_jsonl(self.out / "log.jsonl", self.step)
         self.lineage = checkpoint_lineage(self.out, self.resumed_from, self.step)
@@ -232,7 +238,8 @@ class Run:
         from .checkpoints import save_checkpoint
 
         state = {"trainer": self.trainer, "images_seen": self.images_seen,
-                 "config": to_dict(self.config), "run": self.run_facts, **state}
+                 "config": to_dict(self.config), "run": self.run_facts,
+                 "mixed_precision": self.accelerator.mixed_precision, **state}
         path = save_checkpoint(self.accelerator, self.out, self.step, state,
                                lineage=self.lineage, **parts)
         self.last_saved = self.step
