@@ -436,3 +436,33 @@ def test_resuming_under_another_mixed_precision_is_allowed_with_a_note(
     code, _, err = _rerun(faces32, tiny_vae, out, cache, capsys)
     assert code == 0, err
     assert "mixed precision bf16, this run uses no" in err and "not bit-identically" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# (7) a stop outside the training steps: a message and 75 (SIGTERM) or 130 (Ctrl-C)
+
+@pytest.mark.parametrize("where", ["build_cache", "finish"])
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, EXIT_PREEMPTED), (signal.SIGINT, 130)],
+                         ids=["SIGTERM", "SIGINT"])
+def test_a_stop_outside_the_training_steps_exits_with_a_message(
+        where, sig, code, unet_reference, faces32, tiny_vae, tmp_path, capsys, monkeypatch):
+    from ffhq_ldm.cli_common import run_trainer
+    from ffhq_ldm.train import stage2
+
+    cache = tmp_path / "cache"
+    owner = stage2 if where == "build_cache" else stage2.Exporter
+    real = getattr(owner, where)
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), sig)  # a real signal, through the real handlers
+        time.sleep(5)  # the handler interrupts this
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, where, signalled)
+    capsys.readouterr()
+    got = run_trainer(load_script("train_unet").main,
+                      unet_args(faces32, tiny_vae, tmp_path / "run", cache))
+    err = capsys.readouterr().err
+    assert got == code, err
+    assert "rerun the same command" in err and "Traceback" not in err, err
+    assert signal.getsignal(signal.SIGTERM) is not None  # handlers put back
