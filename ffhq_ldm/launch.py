@@ -8,8 +8,8 @@ and the kernel drops the signal; and any non-zero exit of the trainer becomes 1 
 
 This launcher runs the same ``accelerate launch`` in a process group of its own and:
 
-- forwards SIGTERM, SIGINT and SIGHUP to the trainer processes (every process of that group but
-  accelerate's own), which save a checkpoint and exit 75 (``EXIT_PREEMPTED``);
+- forwards SIGTERM, SIGINT and SIGHUP (as SIGTERM) to the trainer processes (accelerate's
+  children), which save a checkpoint and exit 75 (``EXIT_PREEMPTED``);
 - adopts the trainers if accelerate dies first (``PR_SET_CHILD_SUBREAPER``) and waits for them,
   reaping every child, so it also serves as PID 1;
 - returns the trainer's own exit code, which the trainer writes into ``$FACELDM_EXIT_DIR``
@@ -71,21 +71,25 @@ def _become_subreaper() -> bool:
         return False
 
 
-def group_members(pgid: int, exclude: int) -> list[int]:
-    """PIDs of the process group ``pgid`` but ``exclude`` (Linux /proc; else the leader)."""
+def trainer_pids(launcher: int) -> list[int]:
+    """The trainer processes of the accelerate launcher ``launcher``: the members of its
+    process group whose parent is the launcher (or, once it died, this process, which adopted
+    them). Their own children (data-loader or compile workers) are left to them."""
     proc = Path("/proc")
     if not proc.is_dir():
         return []
+    parents = {launcher, os.getpid()}
     found = []
     for entry in proc.iterdir():
-        if not entry.name.isdigit() or int(entry.name) == exclude:
+        if not entry.name.isdigit() or int(entry.name) == launcher:
             continue
         try:
             stat = (entry / "stat").read_text()
         except OSError:
             continue
         fields = stat[stat.rfind(")") + 2:].split()  # state ppid pgrp ...
-        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != "Z":
+        if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == launcher and \
+                int(fields[1]) in parents:
             found.append(int(entry.name))
     return found
 
@@ -98,7 +102,7 @@ class Forwarder:
 
     def __call__(self, signum, frame) -> None:
         self.received = signum
-        targets = group_members(self.child.pid, exclude=self.child.pid)
+        targets = trainer_pids(self.child.pid)
         if not targets:  # the trainer has not started yet: stop the launcher instead
             targets = [self.child.pid]
         # SIGHUP (a closed terminal) asks for the same as SIGTERM: save and exit 75

@@ -70,6 +70,7 @@ def launcher(*args) -> list:
             str(ROOT / "configs" / "accelerate" / "cpu.yaml"), *map(str, args)]
 
 
+@pytest.mark.slow
 def test_the_launcher_passes_a_bad_input_exit_code_on_unchanged(tmp_path):
     cmd = launcher("unet", *COMMON, "--data", tmp_path / "none", "--vae", tmp_path / "none",
                    "--output-dir", tmp_path / "out")
@@ -77,6 +78,65 @@ def test_the_launcher_passes_a_bad_input_exit_code_on_unchanged(tmp_path):
     assert done.returncode == 2, done.stderr[-2000:]
     assert "Traceback" not in done.stderr and "CalledProcessError" not in done.stderr
     assert "error: " in done.stderr
+
+
+# A stand-in for accelerate's simple_launcher (no torch: fast): it starts the trainer, ignores
+# signals' meaning, and turns any failure into exit code 1, as accelerate launch does.
+FAKE_ACCELERATE = """
+import subprocess, sys
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1]])
+child.wait()
+sys.exit(1 if child.returncode else 0)
+"""
+# A trainer under run_trainer that waits for a stop signal, reporting when it is ready.
+FAKE_TRAINER = """
+import sys, time
+from pathlib import Path
+from ffhq_ldm.cli_common import run_trainer
+def main(argv):
+    Path(sys.argv[1]).write_text("ready")
+    time.sleep(120)
+    return 0
+sys.exit(run_trainer(main, []))
+"""
+
+
+def test_the_launcher_forwards_sigterm_to_the_trainer_and_returns_its_exit_code(tmp_path):
+    ready = tmp_path / "ready"
+    command = [sys.executable, "-c", FAKE_ACCELERATE,
+               FAKE_TRAINER.replace("sys.argv[1]", repr(str(ready)))]
+    script = ("import sys\nfrom ffhq_ldm import launch\n"
+              f"launch.accelerate_command = lambda *a: {command!r}\n"
+              "sys.exit(launch.launch(['unet']))\n")
+    top = subprocess.Popen([sys.executable, "-c", script], env=_env(), cwd=ROOT,
+                           stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert top.poll() is None and time.monotonic() < deadline, top.communicate()[1]
+            time.sleep(0.02)
+        os.kill(top.pid, signal.SIGTERM)  # the top process only
+        _, err = top.communicate(timeout=60)
+    finally:
+        if top.poll() is None:
+            os.killpg(top.pid, signal.SIGKILL)
+    assert top.returncode == EXIT_PREEMPTED, err  # not the stand-in's 1, not 143
+    assert "stopped by SIGTERM outside the training steps" in err  # the trainer's own message
+    assert "before training began" not in err  # not the launcher's guess
+
+
+def test_the_launcher_returns_the_trainers_bad_input_code_not_accelerates_1(tmp_path):
+    trainer = ("import sys\nfrom ffhq_ldm.cli_common import UsageError, run_trainer\n"
+               "def main(argv):\n    raise UsageError('no such data')\n"
+               "sys.exit(run_trainer(main, []))\n")
+    script = ("import sys\nfrom ffhq_ldm import launch\n"
+              f"launch.accelerate_command = lambda *a: "
+              f"{[sys.executable, '-c', FAKE_ACCELERATE, trainer]!r}\n"
+              "sys.exit(launch.launch(['vae']))\n")
+    done = subprocess.run([sys.executable, "-c", script], env=_env(), cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == "error: no such data"
 
 
 def _children(pid: int) -> list[int]:
