@@ -205,9 +205,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ffhq-ldm", description=__doc__,
                                      formatter_class=_Formatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    sub.add_parser("train", add_help=False,
-                   help="train a stage: [ACCELERATE OPTIONS] vae|unet [TRAINER OPTIONS] "
-                        "(accelerate launch, passing stop signals and exit codes on)")
+    # Parsed by launch.py, not here (the trainer's options follow); this entry is its --help.
+    p = sub.add_parser(
+        "train", help="train a stage through accelerate launch, passing stop signals and exit "
+                      "codes on", formatter_class=_Formatter,
+        usage="ffhq-ldm train [ACCELERATE LAUNCH OPTIONS] {vae,unet} [TRAINER OPTIONS]",
+        description="Runs `accelerate launch [OPTIONS] training/train_STAGE.py [TRAINER OPTIONS]` "
+                    "(--config_file accelerate_config.yaml unless given) in a process group of "
+                    "its own. SIGTERM, SIGINT or SIGHUP sent to this command reach the trainer, "
+                    "which saves a checkpoint and exits 75; the trainer's exit code (0, 2, 75, "
+                    "130) is this command's. Trainer options: python training/train_vae.py "
+                    "--help, python training/train_unet.py --help.")
+    p.add_argument("stage", choices=("vae", "unet"), help="which trainer")
+    p.add_argument("trainer_args", nargs=argparse.REMAINDER, metavar="...",
+                   help="the trainer's options")
 
     p = sub.add_parser("synth", help="draw the built-in synthetic faces into a folder",
                        formatter_class=_Formatter,
@@ -307,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _dispatch(argv=None) -> int:
-    if argv and argv[0] == "train":  # its options are the trainer's: not parsed here
+    if argv and argv[0] == "train" and argv[1:2] not in (["-h"], ["--help"]):
+        # its options are accelerate's and the trainer's: not parsed here
         from .launch import launch
 
         return launch(list(argv[1:]))

@@ -146,9 +146,6 @@ def _wait_all(child: subprocess.Popen, subreaper: bool) -> int:
 
 
 def launch(argv: list[str]) -> int:
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE + "\n\n" + __doc__.split("\n\n")[0])
-        return 0
     accel_args, stage, trainer_args = split_argv(argv)
     if not training_script(stage).is_file():
         raise UsageError(f"{training_script(stage)} not found: ffhq-ldm train runs from a "
