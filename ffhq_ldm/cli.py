@@ -1,5 +1,6 @@
 """``ffhq-ldm``: one command line for every step that is not a training script.
 
+    ffhq-ldm train          vae|unet --data D --output-dir DIR ...   a trainer via accelerate
     ffhq-ldm synth          --out DIR --num N                built-in synthetic faces
     ffhq-ldm scan-data      --data D                         list unusable images before training
     ffhq-ldm reconstruct    --vae DIR --data D --out DIR     judge an autoencoder alone
@@ -220,6 +221,23 @@ def _sample(args) -> int:
 
 # ---------------------------------------------------------------------------------------------
 
+def _add_train(sub) -> None:
+    # Parsed by launch.py, not here (the trainer's options follow); this entry is its --help.
+    p = sub.add_parser(
+        "train", help="train a stage through accelerate launch, passing stop signals and exit "
+                      "codes on", formatter_class=_Formatter,
+        usage="ffhq-ldm train [ACCELERATE LAUNCH OPTIONS] {vae,unet} [TRAINER OPTIONS]",
+        description="Runs `accelerate launch [OPTIONS] training/train_STAGE.py [TRAINER OPTIONS]` "
+                    "(--config_file accelerate_config.yaml unless given) in a process group of "
+                    "its own. SIGTERM, SIGINT or SIGHUP sent to this command reach the trainer, "
+                    "which saves a checkpoint and exits 75; the trainer's exit code (0, 2, 75, "
+                    "130) is this command's. Trainer options: python training/train_vae.py "
+                    "--help, python training/train_unet.py --help.")
+    p.add_argument("stage", choices=("vae", "unet"), help="which trainer")
+    p.add_argument("trainer_args", nargs=argparse.REMAINDER, metavar="...",
+                   help="the trainer's options")
+
+
 def _add_synth(sub) -> None:
     p = sub.add_parser("synth", help="draw the built-in synthetic faces into a folder",
                        formatter_class=_Formatter,
@@ -314,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ffhq-ldm", description=__doc__,
                                      formatter_class=_Formatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_train(sub)
     _add_synth(sub)
     _add_reconstruct(sub)
     _add_cache_latents(sub)
@@ -334,6 +353,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _dispatch(argv=None) -> int:
+    if argv and argv[0] == "train" and argv[1:2] not in (["-h"], ["--help"]):
+        # its options are accelerate's and the trainer's: not parsed here
+        from .launch import launch
+
+        return launch(list(argv[1:]))
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -29,6 +30,46 @@ def mix_seed(seed: int, index: int) -> int:
 
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message says what to change."""
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_types(config) -> None:
+    """Every field has its declared type (a JSON config may hold ``"step": "20"``); numbers
+    are finite."""
+    hints = typing.get_type_hints(type(config))
+    for f in fields(config):
+        value, typ = getattr(config, f.name), hints[f.name]
+        ok = {int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+              float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+              and math.isfinite(v),
+              bool: lambda v: isinstance(v, bool), str: lambda v: isinstance(v, str),
+              tuple: lambda v: isinstance(v, tuple) and all(
+                  isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in v)}[typ]
+        if not ok(value):
+            kind = {tuple: "a list of positive integers", float: "a finite number"}.get(
+                typ, f"a{'n' if typ is int else ''} {typ.__name__}")
+            raise ConfigError(f"{_option(f.name)} must be {kind}, not {value!r}")
+
+
+def check_ranges(config, rules: dict[str, tuple]) -> None:
+    """``rules``: field -> (low, high, low_open, high_open); None = unbounded on that side."""
+    for name, (low, high, low_open, high_open) in rules.items():
+        value = getattr(config, name)
+        bad_low = low is not None and (value <= low if low_open else value < low)
+        bad_high = high is not None and (value >= high if high_open else value > high)
+        if bad_low or bad_high:
+            lo = "" if low is None else f"{low} {'<' if low_open else '<='} "
+            hi = "" if high is None else f" {'<' if high_open else '<='} {high}"
+            raise ConfigError(f"{_option(name)} must satisfy {lo}{name}{hi}, not {value!r}")
+
+
+POSITIVE = (1, None, False, False)  # an integer >= 1
+NON_NEGATIVE = (0, None, False, False)
+RATE = (0, None, True, False)  # > 0
+BETA = (0, 1, False, True)  # Adam betas: 0 <= beta < 1
 
 
 @dataclass(frozen=True)
@@ -76,12 +117,25 @@ class VAEConfig:
         return self.resolution // self.downsample_factor
 
     def validate(self) -> VAEConfig:
+        check_types(self)
+        check_ranges(self, {
+            **dict.fromkeys(("resolution", "layers_per_block", "latent_channels",
+                             "norm_num_groups", "num_vq_embeddings", "disc_layers",
+                             "disc_channels", "batch_size", "max_steps", "eval_every",
+                             "checkpoint_every", "scale_images"), POSITIVE),
+            **dict.fromkeys(("perceptual_weight", "kl_weight", "codebook_weight", "disc_start",
+                             "disc_weight", "grad_clip", "holdout", "num_workers", "seed"),
+                            NON_NEGATIVE),
+            "learning_rate": RATE, "adam_beta1": BETA, "adam_beta2": BETA})
+        if not self.block_out_channels:
+            raise ConfigError("--block-out-channels needs at least one entry")
         if self.autoencoder not in ("kl", "vq"):
             raise ConfigError(f"autoencoder must be 'kl' or 'vq', not {self.autoencoder!r}")
         if self.resolution % self.downsample_factor:
             raise ConfigError(
-                f"resolution {self.resolution} is not divisible by the downsample factor "
-                f"{self.downsample_factor} of block_out_channels={self.block_out_channels}")
+                f"--resolution {self.resolution} is not a multiple of the autoencoder's "
+                f"downsample factor {self.downsample_factor} (block_out_channels="
+                f"{self.block_out_channels})")
         if any(c % self.norm_num_groups for c in self.block_out_channels):
             raise ConfigError(
                 f"every entry of block_out_channels={self.block_out_channels} must be divisible "
@@ -140,6 +194,25 @@ class UNetConfig:
     preview_images: int = 16
 
     def validate(self) -> UNetConfig:
+        check_types(self)
+        check_ranges(self, {
+            **dict.fromkeys(("layers_per_block", "attention_head_dim", "norm_num_groups",
+                             "num_train_timesteps", "batch_size", "max_steps",
+                             "checkpoint_every", "preview_every", "preview_steps",
+                             "preview_images"), POSITIVE),
+            **dict.fromkeys(("weight_decay", "warmup_steps", "grad_clip", "snr_gamma", "seed"),
+                            NON_NEGATIVE),
+            "dropout": (0, 1, False, True), "learning_rate": RATE, "adam_beta1": BETA,
+            "adam_beta2": BETA, "ema_decay": (0, 1, True, True),
+            "beta_start": (0, 1, True, True), "beta_end": (0, 1, True, True)})
+        if not self.block_out_channels:
+            raise ConfigError("--block-out-channels needs at least one entry")
+        if self.beta_schedule != "cosine" and self.beta_start >= self.beta_end:
+            raise ConfigError(f"--beta-start {self.beta_start} must be below --beta-end "
+                              f"{self.beta_end}")
+        if self.resnet_time_scale_shift not in ("default", "scale_shift"):
+            raise ConfigError("--resnet-time-scale-shift must be default or scale_shift, not "
+                              f"{self.resnet_time_scale_shift!r}")
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise ConfigError("prediction_type must be epsilon or v_prediction, "
                               f"not {self.prediction_type!r}")

@@ -62,10 +62,12 @@ def load_pipeline(model: str, sampler: str = "ddim", dtype: str = "fp32", device
 
     from pipelines.pipeline_face_ldm import FaceLDMPipeline
 
+    from .export_checks import check_pipeline_folder
     from .train.options import require_pipeline
 
     require_pipeline(model)  # also puts back a MODEL.old that a killed export left
     path = Path(model)
+    check_pipeline_folder(path)
     if dtype not in DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]

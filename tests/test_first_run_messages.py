@@ -101,8 +101,9 @@ def test_report_states_the_caveat(tmp_path):
 # -- model card ---------------------------------------------------------------------------------
 
 def test_model_card_counts_small_models_exactly():
-    from ffhq_ldm.train.export import model_card
     from test_pipeline_arguments import tiny_pipeline
+
+    from ffhq_ldm.train.export import model_card
 
     pipe = tiny_pipeline()
     card = model_card(pipe, {})

@@ -14,12 +14,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from ffhq_ldm.train.export import export_pipeline
 
 from ffhq_ldm.cli import main as cli_main
 from ffhq_ldm.config import get_preset
 from ffhq_ldm.models.unet import build_sample_scheduler, build_unet
 from ffhq_ldm.models.vae import build_vae
+from ffhq_ldm.train.export import export_pipeline
 from pipelines import FaceLDMPipeline
 from pipelines.pipeline_face_ldm import PipelineArgumentError
 

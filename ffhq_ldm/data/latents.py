@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from .images import ImageDataset, items_digest, open_dataset
 from .split import read_split
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: images identified by content, not by path (items_digest)
 STORE_DTYPE = torch.float16
 
 
@@ -91,6 +91,66 @@ def _check_identity(manifest: dict, expected: dict, cache_dir: Path) -> None:
                 f"Use another --latent-cache folder, or delete this one to rebuild it.")
 
 
+# diffusers' DiagonalGaussianDistribution clamps the log-variance to [-30, 20]: a posterior
+# std above exp(10) cannot come from an encoder.
+MAX_STD = 22026.5
+
+
+def read_manifest(cache_dir: Path) -> dict:
+    """``manifest.json`` as a dict, or a one-line ``CacheMismatchError`` when it is damaged."""
+    path = _manifest_path(cache_dir)
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CacheMismatchError(f"{path} is not valid JSON ({exc}); delete {cache_dir} to "
+                                 "rebuild the cache") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards", []), list):
+        raise CacheMismatchError(f"{path} is not a latent cache manifest; delete {cache_dir} "
+                                 "to rebuild the cache")
+    return manifest
+
+
+def shard_path(cache_dir: Path, name) -> Path:
+    """A shard listed in the manifest: a plain file name inside the cache folder, nothing else
+    (an absolute path or ``..`` would read files from anywhere)."""
+    if not isinstance(name, str) or Path(name).name != name or name.startswith(".") or \
+            not name.endswith(".safetensors"):
+        raise CacheMismatchError(f"{_manifest_path(cache_dir)} lists {name!r}, not a shard file "
+                                 f"of {cache_dir}; delete the folder to rebuild the cache")
+    return cache_dir / name
+
+
+def check_shard(path: Path, shard: dict, latent_shape: tuple) -> None:
+    """What a shard must hold: "mean" and "std" of the codec's latent shape, float16, finite,
+    0 <= std <= ``MAX_STD``."""
+    problem = None
+    mean, std = shard.get("mean"), shard.get("std")
+    if mean is None or std is None:
+        problem = "no 'mean' or 'std' tensor"
+    elif mean.dtype != STORE_DTYPE or std.dtype != STORE_DTYPE:
+        problem = f"dtype {mean.dtype}/{std.dtype}, not {STORE_DTYPE}"
+    elif tuple(mean.shape[1:]) != tuple(latent_shape) or mean.shape != std.shape:
+        problem = (f"latents of shape {tuple(mean.shape[1:])}, but the autoencoder's are "
+                   f"{tuple(latent_shape)}")
+    elif not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
+        problem = "non-finite values"
+    elif (std < 0).any() or (std > MAX_STD).any():
+        problem = f"a std outside [0, {MAX_STD:g}]"
+    if problem:
+        raise CacheMismatchError(f"latent cache shard {path} holds {problem}; delete "
+                                 f"{path.parent} to rebuild the cache")
+
+
+def load_shard(path: Path, latent_shape: tuple) -> dict:
+    try:
+        shard = load_file(str(path))
+    except Exception as exc:  # a truncated or foreign file: safetensors' own errors
+        raise CacheMismatchError(f"latent cache shard {path} is unreadable ({exc}); delete "
+                                 f"{path.parent} to rebuild the cache") from None
+    check_shard(path, shard, latent_shape)
+    return shard
+
+
 def split_for_vae(vae_dir, default_resolution: int, data: str):
     """(train items, held-out items, image_key, resolution) split as the autoencoder's training was.
 
@@ -116,7 +176,7 @@ def build_latent_cache(codec, items, cache_dir, resolution: int, image_key=None,
     manifest_file = _manifest_path(cache_dir)
     manifest = dict(expected, shard_size=batch_size, shards=[], complete=False)
     if manifest_file.is_file():
-        old = json.loads(manifest_file.read_text())
+        old = read_manifest(cache_dir)
         _check_identity(old, expected, cache_dir)
         if old.get("complete"):
             return cache_dir
@@ -168,7 +228,7 @@ def load_latent_cache(cache_dir, codec, items=None, resolution: int | None = Non
     manifest_file = _manifest_path(cache_dir)
     if not manifest_file.is_file():
         raise FileNotFoundError(f"no latent cache in {cache_dir} (no manifest.json)")
-    manifest = json.loads(manifest_file.read_text())
+    manifest = read_manifest(cache_dir)
     if items is not None:
         _check_identity(manifest, _expected_identity(codec, items, resolution), cache_dir)
     elif manifest.get("vae_fingerprint") != codec.fingerprint:
@@ -179,7 +239,12 @@ def load_latent_cache(cache_dir, codec, items=None, resolution: int | None = Non
                                  "caching step to finish it")
     means, stds = [], []
     for name in manifest["shards"]:
-        shard = load_file(str(cache_dir / name))
+        shard = load_shard(shard_path(cache_dir, name), codec.latent_shape)
         means.append(shard["mean"])
         stds.append(shard["std"])
+    count = sum(m.shape[0] for m in means)
+    if isinstance(manifest.get("num_images"), int) and count != 2 * manifest["num_images"]:
+        raise CacheMismatchError(f"the latent cache in {cache_dir} holds {count} latents for "
+                                 f"{manifest['num_images']} images (x2 mirrors); delete it to "
+                                 "rebuild it")
     return LatentCache(torch.cat(means), torch.cat(stds), codec.scaling_factor)

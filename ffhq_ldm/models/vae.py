@@ -140,6 +140,8 @@ class LatentCodec:
 
 def load_vae(path, allow_pickle: bool = False):
     """Load an exported autoencoder folder, with clear errors for anything else."""
+    from ..cli_common import UsageError
+    from ..export_checks import check_vae_config
     from ..io import recover_dir
 
     path = Path(path)
@@ -160,6 +162,10 @@ def load_vae(path, allow_pickle: bool = False):
         raise VAELoadError(f"{config_path} has no scaling_factor: export it with "
                            "training/train_vae.py, which measures it (diffusers would silently use "
                            "Stable Diffusion's 0.18215)")
+    try:
+        check_vae_config(config, config_path)
+    except UsageError as exc:
+        raise VAELoadError(str(exc)) from None
     if not any(path.glob("*.safetensors")) and not allow_pickle:
         raise VAELoadError(f"{path} has no .safetensors weights; pickled weights can run code "
                            "when loaded and are refused")

@@ -17,12 +17,13 @@ from pathlib import Path
 
 import torch
 
+from .. import cli_common
 from .checkpoints import latest_checkpoint
 
 # Exit code of a run stopped by SIGTERM/SIGINT after saving its checkpoint: sysexits.h
 # EX_TEMPFAIL, "temporary failure, retry". Not 0, so that `until train ...; do :; done`,
 # Kubernetes' restartPolicy=OnFailure or a Makefile treat the run as unfinished.
-EXIT_PREEMPTED = 75
+EXIT_PREEMPTED = cli_common.EXIT_PREEMPTED  # 75
 EXIT_NONFINITE = 2
 # Test hook (tests/test_resilience.py): send this process a real signal after step N.
 TEST_SIGNAL_ENV = "_FACELDM_TEST_SIGNAL_AT_STEP"

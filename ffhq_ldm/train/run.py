@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -149,10 +150,14 @@ class Run:
                                        project_dir=str(self.out),
                                        mixed_precision=training_mixed_precision())
         check_process_group(self.accelerator)
+        self.main = self.accelerator.is_main_process
+        if self.main:  # before anything is read or cleaned in the folder
+            from .lock import lock_folder
+
+            self.lock = lock_folder(self.out)
         set_seed(config.seed)
         enable_tf32()  # what bf16 autocast leaves in fp32 runs on tensor cores too
         enable_cudnn_autotune()  # one input shape for the whole run: pick conv kernels once
-        self.main = self.accelerator.is_main_process
         self.device, self.procs = self.accelerator.device, self.accelerator.num_processes
         self.step = self.images_seen = 0
         self.resumed_from: Path | None = None
@@ -161,6 +166,11 @@ class Run:
 
     def print(self, text: str) -> None:
         self.accelerator.print(text)
+
+    def warn(self, text: str) -> None:
+        """One line on stderr, from the main process."""
+        if self.main:
+            print(text, file=sys.stderr, flush=True)
 
     def write_scan_report(self, report) -> None:
         """``OUTPUT/skipped_files.json`` and the data line (main process)."""
@@ -178,20 +188,18 @@ class Run:
         from .checkpoints import (
             check_resumable,
             checkpoint_lineage,
+            choose_checkpoint,
             clean_stale,
             list_checkpoints,
             load_checkpoint,
-            read_trainer_state,
-            resolve_resume,
         )
 
         self.run_facts = run_facts
         if self.main:
             clean_stale(self.out)  # the hidden leftovers of a crash in the middle of a save
-        self.resumed_from = resolve_resume(self.out, self.args.resume)
-        state = None
+        chosen = choose_checkpoint(self.out, self.args.resume, self.warn)
+        self.resumed_from, state = chosen if chosen is not None else (None, None)
         if self.resumed_from is not None:
-            state = read_trainer_state(self.resumed_from)
             check_resumable(state, self.resumed_from, self.trainer, type(self.config),
                             self.config, run_facts, self.may_change)
             load_checkpoint(self.accelerator, self.resumed_from, models=models,
@@ -200,9 +208,15 @@ class Run:
             self.step, self.images_seen = state["step"], state["images_seen"]
             self.last_saved = self.step
             guard.load_state_dict(state.get("nonfinite", {}), self.step)
-            if self.main:
-                truncate_jsonl(self.out / "log.jsonl", self.step)
             self.print(f"resumed from {self.resumed_from} at step {self.step}")
+            saved_precision = state.get("mixed_precision")
+            if saved_precision and saved_precision != self.accelerator.mixed_precision:
+                # allowed (another machine may lack bf16), but no longer bit-exact
+                self.warn(f"note: {self.resumed_from} was trained with mixed precision "
+                          f"{saved_precision}, this run uses {self.accelerator.mixed_precision}: "
+                          "it continues, but not bit-identically to an uninterrupted run")
+        if self.main:  # log lines past the step resumed from (0 when fresh) were never saved
+            truncate_jsonl(self.out / "log.jsonl", self.step)
         self.lineage = checkpoint_lineage(self.out, self.resumed_from, self.step)
         if len(self.lineage) < len(list_checkpoints(self.out)):
             self.print(f"note: the other checkpoints in {self.out / 'checkpoints'} are not this "
@@ -227,7 +241,8 @@ class Run:
         from .checkpoints import save_checkpoint
 
         state = {"trainer": self.trainer, "images_seen": self.images_seen,
-                 "config": to_dict(self.config), "run": self.run_facts, **state}
+                 "config": to_dict(self.config), "run": self.run_facts,
+                 "mixed_precision": self.accelerator.mixed_precision, **state}
         path = save_checkpoint(self.accelerator, self.out, self.step, state,
                                lineage=self.lineage, **parts)
         self.last_saved = self.step
