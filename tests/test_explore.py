@@ -17,9 +17,9 @@ import textwrap
 
 import pytest
 import torch
+from test_pipeline import LATENT, SCALING, STANDALONE, build_pipeline, gen
 
 from ffhq_ldm.export import export_pipeline
-from test_pipeline import LATENT, SCALING, STANDALONE, build_pipeline, gen
 
 
 @pytest.fixture
