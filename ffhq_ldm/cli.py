@@ -7,9 +7,9 @@
     ffhq-ldm sample         --model DIR --num N --out DIR    images from an exported pipeline
     ffhq-ldm evaluate       ref|calc ...                     FID/KID, precision/recall, uniqueness
     ffhq-ldm bench          [--preset ffhq128-f4] [--json F]  speed of every stage vs a baseline
-    ffhq-ldm interpolate    --model DIR --seeds A,B --out DIR   frames, strip, GIF between faces
-    ffhq-ldm invert         --model DIR --image FILE           DDIM inversion, PSNR/LPIPS, variations
-    ffhq-ldm inpaint        --model DIR --image F --mask F     fill in a masked region
+    ffhq-ldm interpolate    --model DIR --seeds A,B --out D  frames, strip, GIF between faces
+    ffhq-ldm invert         --model DIR --image FILE         DDIM inversion, PSNR/LPIPS, variations
+    ffhq-ldm inpaint        --model DIR --image F --mask F   fill in a masked region
 """
 
 from __future__ import annotations
