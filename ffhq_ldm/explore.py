@@ -368,3 +368,31 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed")
     _common(p, "inpainted")
     p.set_defaults(func=_inpaint)
+
+
+# ---------------------------------------------------------------------------------------------
+# for reports
+
+def model_strips(model: str, count: int, steps: int, seed: int, device, out_dir,
+                 frames: int = 8) -> list[Path]:
+    """``count`` interpolation strips of ``frames`` frames between the seed pairs
+    (seed + 2k, seed + 2k + 1), as ``ffhq-ldm interpolate`` makes them; PNGs in
+    ``out_dir/interpolations/``."""
+    from tqdm.auto import tqdm
+
+    from .cli import load_pipeline  # moves to ffhq_ldm.sampling
+
+    pipe = load_pipeline(model, "ddim", "fp32", device)
+    pipe.set_progress_bar_config(disable=True)
+    folder = Path(out_dir) / "interpolations"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k in tqdm(range(count), desc=f"interpolation strips ({frames} frames)", unit="strip"):
+        a, b = seed + 2 * k, seed + 2 * k + 1
+        start, end = pipe.seed_noise([a, b])
+        images = pipe.interpolate(start, end, num_frames=frames, num_inference_steps=steps,
+                                  batch_size=frames).images
+        path = folder / f"strip_seeds_{a}_{b}.png"
+        strip(images).save(path)
+        paths.append(path)
+    return paths

@@ -3,8 +3,9 @@
 Steps: Inception features of the samples -> FID / KID / precision-recall
 against the reference; nearest training images in Inception and pixel space
 -> memorisation flags against a held-out baseline; then ``metrics.json``,
-``report.md``, ``neighbours.png``, ``nn_hist.png`` and ``uniqueness.csv`` in the
-output folder.
+``report.md``, ``report.html`` (self-contained), ``neighbours.png``, ``nn_hist.png``,
+``samples_grid.png`` and ``uniqueness.csv`` in the output folder (and, with ``--model``,
+interpolation strips in ``interpolations/``).
 """
 
 from __future__ import annotations
@@ -18,8 +19,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ffhq_ldm.visual import save_grid
+
 from .errors import EvaluationError
 from .features import InceptionFeatureExtractor, default_batch_size, fingerprint_sha256, get_extractor
+from .html_report import write_html_report
 from .images import center_crop_resize, iter_image_batches, list_images, load_images, relative_names, save_images
 from .metrics import fid_features_vs_stats, kid, precision_recall
 from .reference import load_reference, select_subset
@@ -125,9 +129,14 @@ def run_calc(
     lpips: str = "none",
     lpips_trunk: Optional[str] = None,
     extractor: Optional[InceptionFeatureExtractor] = None,
+    strips: Sequence[str] = (),
+    interpolations: int = 2,
 ) -> Dict:
     if (samples_dir is None) == (model is None):
         raise EvaluationError("give exactly one of --samples DIR or --model PIPELINE")
+    for strip in strips:  # interpolation strips for report.html
+        if not os.path.isfile(strip):
+            raise EvaluationError(f"strip image not found: {strip}")
     # Validate cheap inputs before the expensive model load.
     train_paths = list_images(data_dir, "training data folder")
     sample_paths = list_images(samples_dir, "samples folder") if samples_dir else None
@@ -265,4 +274,12 @@ def run_calc(
                           os.path.join(out_dir, "neighbours.png"))
     hist = histogram_image(results, os.path.join(out_dir, "nn_hist.png"))
     write_report(out_dir, metrics, results, grid, hist)
+    sample_grid = os.path.join(out_dir, "samples_grid.png")
+    save_grid(samples[:64], sample_grid)
+    strip_paths = list(strips)
+    if model is not None and interpolations > 0:
+        from ffhq_ldm.explore import model_strips
+
+        strip_paths += model_strips(model, interpolations, steps, seed, dev, out_dir)
+    write_html_report(out_dir, metrics, sample_grid, grid, hist, strip_paths)
     return metrics

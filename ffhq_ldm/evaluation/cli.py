@@ -64,11 +64,12 @@ def _cmd_calc(args) -> int:
         device=args.device, inception=args.inception, kid_subsets=args.kid_subsets,
         kid_subset_size=args.kid_subset_size, pr_k=args.pr_k, memo_quantile=args.memo_quantile,
         memo_scale=args.memo_scale, max_train=args.max_train, grid_rows=args.grid_rows,
-        lpips=args.lpips, lpips_trunk=args.lpips_trunk,
+        lpips=args.lpips, lpips_trunk=args.lpips_trunk, strips=args.strip or (),
+        interpolations=args.interpolations,
     )
     keys = ("fid", "kid", "kid_std", "precision", "recall", "memorization_rate")
     print(json.dumps({k: m[k] for k in keys}))
-    print(f"wrote {args.out}/metrics.json and {args.out}/report.md")
+    print(f"wrote {args.out}/metrics.json, {args.out}/report.md and {args.out}/report.html")
     return 0
 
 
@@ -120,6 +121,11 @@ def register(subparsers) -> argparse.ArgumentParser:
                       help="also re-rank nearest neighbours by LPIPS (needs the ImageNet trunk weights locally; "
                            "the random-trunk variant is not the real metric)")
     calc.add_argument("--lpips-trunk", default=None, metavar="PATH", help="torchvision trunk weights file for LPIPS")
+    calc.add_argument("--interpolations", type=int, default=2,
+                      help="with --model: interpolation strips (8 frames, DDIM) drawn for report.html")
+    calc.add_argument("--strip", action="append", default=None, metavar="PNG",
+                      help="an interpolation strip (ffhq-ldm interpolate's strip.png) to show in "
+                           "report.html; repeatable")
     _common(calc)
     calc.set_defaults(func=_cmd_calc)
     return ev
