@@ -128,6 +128,14 @@ def test_encode_images_is_the_scaled_posterior_mean(pipe):
     assert (pipe.encode_images(pil) - expected).abs().max() < 0.05  # uint8 rounding only
 
 
+def test_vq_pipeline_encodes_before_quantisation_and_inverts():
+    pipe = build_pipeline("vq")
+    x = smooth_image(0)
+    expected = pipe.vae.encode(x * 2 - 1).latents * SCALING
+    torch.testing.assert_close(pipe.encode_images(x), expected, atol=1e-6, rtol=0)
+    assert pipe.invert(x, num_inference_steps=2).noise.shape == (1, *LATENT)
+
+
 def test_inverted_image_reconstructs_and_eta_varies(pipe):
     out = pipe.invert(smooth_image(1), num_inference_steps=20)
     assert out.noise.shape == (1, *LATENT) and out.latents.shape == (1, *LATENT)
