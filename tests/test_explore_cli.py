@@ -169,3 +169,18 @@ def test_pipeline_images_match_cli_seed_convention():
     pipe = build_pipeline()
     noise = torch.randn(1, 4, 16, 16, generator=gen(17))
     assert torch.equal(pipe.seed_noise([17]), noise)
+
+
+@pytest.mark.parametrize("command, options", [
+    ("interpolate", ("--seeds", "--images", "--frames", "--out")),
+    ("invert", ("--image", "--variations", "--eta", "--perceptual")),
+    ("inpaint", ("--image", "--mask", "--resample", "--num")),
+])
+def test_help_names_the_options(command, options, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"usage: ffhq-ldm {command}")
+    for option in options:
+        assert option in text, option
