@@ -150,9 +150,10 @@ class _FakeExtractor:
 
 
 def test_calc_writes_report_html_with_strips(tmp_path, faces32):
+    from test_pipeline import build_pipeline
+
     from ffhq_ldm.evaluation.reference import compute_reference
     from ffhq_ldm.export import export_pipeline
-    from test_pipeline import build_pipeline
 
     model = export_pipeline(build_pipeline(), tmp_path / "pipeline")
     ex = _FakeExtractor()

@@ -78,19 +78,23 @@ def write_html_report(out_dir, metrics: dict, samples_grid: Path | None, neighbo
              "memorization_rate": "memorisation rate"}
     for key, label in names.items():
         if key in metrics and metrics[key] is not None:
-            rows.append(f"<tr><th>{label}</th><td class=\"value\">{html.escape(_value(metrics, key))}"
-                        f"</td><td>{html.escape(EXPLANATIONS[key])}</td></tr>")
+            value = html.escape(_value(metrics, key))
+            rows.append(f'<tr><th>{label}</th><td class="value">{value}</td>'
+                        f"<td>{html.escape(EXPLANATIONS[key])}</td></tr>")
     settings = metrics.get("settings", {})
+    if settings.get("model"):
+        source = (f"from {settings['model']} ({settings.get('sampler')}, "
+                  f"{settings.get('steps')} steps)")
+    else:
+        source = f"from {settings.get('samples')}"
+    intro = (f"{settings.get('num_samples', '?')} samples {source}, reference "
+             f"{settings.get('reference')}.")
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
              "<title>FaceLDM evaluation report</title>", f"<style>{STYLE}</style></head><body>",
-             "<h1>FaceLDM evaluation report</h1>",
-             f"<p>{settings.get('num_samples', '?')} samples"
-             + (f" from {html.escape(str(settings['model']))} ({html.escape(str(settings.get('sampler')))}"
-                f", {settings.get('steps')} steps)" if settings.get("model") else
-                f" from {html.escape(str(settings.get('samples')))}")
-             + f", reference {html.escape(str(settings.get('reference')))}.</p>",
-             "<h2>Scores</h2>", "<table><tr><th>metric</th><th>value</th><th>what it means</th>"
-             "</tr>", *rows, "</table>"]
+             "<h1>FaceLDM evaluation report</h1>", f"<p>{html.escape(intro)}</p>",
+             "<h2>Scores</h2>",
+             "<table><tr><th>metric</th><th>value</th><th>what it means</th></tr>",
+             *rows, "</table>"]
     if metrics.get("memorized"):
         parts.append("<p>Flagged samples: " + html.escape(", ".join(metrics["memorized"])) + "</p>")
     if samples_grid is not None:
