@@ -17,7 +17,7 @@ import textwrap
 
 import pytest
 import torch
-from test_pipeline import LATENT, SCALING, STANDALONE, build_pipeline, gen
+from test_pipeline import LATENT, SCALING, STANDALONE, build_pipeline, gen, ldm_alphas_cumprod
 
 from ffhq_ldm.export import export_pipeline
 
@@ -116,6 +116,31 @@ def test_inversion_of_a_ddim_sample_recovers_its_noise(pipe):
     fine = inversion_errors(pipe, 40)
     assert fine[0] < 0.04 and fine[1] < 0.05
     assert fine[0] < coarse[0] / 3 and fine[1] < coarse[1] / 2
+
+
+def reference_inversion(unet, latents, steps):
+    """DDIM eq. 12 (sigma = 0) run from each timestep to the next larger one, on LDM's linear
+    schedule from its formula, "leading" spacing with offset 1; starts at abar[0] (DDIM's
+    last step ends there, set_alpha_to_one=False). Float64."""
+    abar = ldm_alphas_cumprod()
+    ratio = 1000 // steps
+    x = latents.double()
+    for i in range(steps):
+        t = i * ratio + 1
+        a_t = abar[t]
+        a_prev = abar[t - ratio] if t - ratio >= 0 else abar[0]
+        eps = unet(x.float(), torch.tensor(t)).sample.double()
+        x0 = (x - (1 - a_prev).sqrt() * eps) / a_prev.sqrt()
+        x = a_t.sqrt() * x0 + (1 - a_t).sqrt() * eps
+    return x
+
+
+@torch.no_grad()
+def test_inversion_matches_the_formula_written_here(pipe):
+    z = pipe(latents=pipe.seed_noise([4]), num_inference_steps=6, output_type="latent").images
+    got = pipe.invert(latents=z, num_inference_steps=6).noise
+    expected = reference_inversion(pipe.unet, z, 6).float()
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
 
 
 def test_encode_images_is_the_scaled_posterior_mean(pipe):
