@@ -223,6 +223,47 @@ def test_inpainting_keeps_the_known_region(pipe, resample):
     assert float((out - rec)[~keep].abs().mean()) > 0.1
 
 
+def reference_inpainting(unet, z, cells, steps, seed, resample):
+    """The masked DDIM loop from its formulas (eq. 12, sigma = 0; RePaint's q(x_t | x_s) going
+    back up), float64, noise drawn from one generator in the documented order: the start,
+    then per pass the known part's noise (not after the last step), then the way back up."""
+    g = gen(seed)
+    abar = ldm_alphas_cumprod()
+    ratio = 1000 // steps
+    x = torch.randn(z.shape, generator=g).double()
+    z = z.double()
+    for i in reversed(range(steps)):
+        t = i * ratio + 1
+        s = t - ratio
+        a_t, a_s = abar[t], (abar[s] if s >= 0 else abar[0])
+        for u in range(resample):
+            eps = unet(x.float(), torch.tensor(t)).sample.double()
+            x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+            x_s = a_s.sqrt() * x0 + (1 - a_s).sqrt() * eps
+            if s >= 0:
+                known = a_s.sqrt() * z + (1 - a_s).sqrt() * torch.randn(z.shape, generator=g)
+            else:
+                known = z
+            x_s = cells * x_s + (1 - cells) * known
+            if u < resample - 1:
+                x = (a_t / a_s).sqrt() * x_s + (1 - a_t / a_s).sqrt() * torch.randn(
+                    z.shape, generator=g)
+        x = x_s
+    return x
+
+
+@pytest.mark.parametrize("resample", [1, 2])
+@torch.no_grad()
+def test_inpainting_matches_the_loop_written_here(pipe, resample):
+    x, mask = smooth_image(3), hole_mask()
+    got = pipe.inpaint(x, mask, num_inference_steps=5, generator=gen(7), output_type="latent",
+                       resample_steps=resample).images
+    expected = reference_inpainting(pipe.unet, pipe.encode_images(x), pipe.latent_mask(mask), 5,
+                                    7, resample).float()
+    scale = float(expected.abs().max())
+    torch.testing.assert_close(got, expected, atol=1e-5 * scale, rtol=1e-5)
+
+
 def test_inpainting_is_seeded_and_checks_inputs(pipe):
     x, mask = smooth_image(2), hole_mask()
     a = pipe.inpaint(x, mask, num_inference_steps=3, generator=gen(1), output_type="pt").images
