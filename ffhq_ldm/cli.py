@@ -8,6 +8,9 @@
     ffhq-ldm sample         --model DIR --num N --out DIR    images from an exported pipeline
     ffhq-ldm evaluate       ref|calc ...                     FID/KID, precision/recall, uniqueness
     ffhq-ldm bench          [--preset ffhq128-f4] [--json F]  speed of every stage vs a baseline
+    ffhq-ldm interpolate    --model DIR --seeds A,B --out D  frames, strip, GIF between faces
+    ffhq-ldm invert         --model DIR --image FILE         DDIM inversion, PSNR/LPIPS, variations
+    ffhq-ldm inpaint        --model DIR --image F --mask F   fill in a masked region
 """
 
 from __future__ import annotations
@@ -349,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .data.scan import register as register_scan_data  # standard library only at import
 
     register_scan_data(sub)
+    from .explore import register as register_explore  # argparse only at import
+
+    register_explore(sub)
     return parser
 
 

@@ -1,7 +1,8 @@
 """FaceLDMPipeline: unconditional latent diffusion for faces.
 
-This file imports only torch and diffusers, so an exported pipeline folder can carry it as
-``pipeline.py`` and load on a machine without the ffhq_ldm package:
+This file imports only torch and diffusers (and its companion ``face_ldm_explore.py``), so an
+exported pipeline folder can carry it as ``pipeline.py``, with the companion beside it, and
+load on a machine without the ffhq_ldm package:
 
     DiffusionPipeline.from_pretrained(folder, custom_pipeline=folder, trust_remote_code=True)
 
@@ -24,6 +25,8 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
 from diffusers.schedulers import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
+from .face_ldm_explore import FaceLDMExploreMixin
+
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
@@ -31,8 +34,11 @@ class PipelineArgumentError(ValueError):
     """An argument of ``FaceLDMPipeline.__call__`` that cannot work (the caller's mistake)."""
 
 
-class FaceLDMPipeline(DiffusionPipeline):
+class FaceLDMPipeline(FaceLDMExploreMixin, DiffusionPipeline):
     """Sample faces: noise -> (UNet + scheduler) in latent space -> VAE decoder -> images.
+
+    Also (face_ldm_explore.py): ``interpolate`` between two noises, ``invert`` images to
+    noise with DDIM, ``inpaint`` a masked region.
 
     Args:
         vae: ``AutoencoderKL`` or ``VQModel`` whose config holds the measured ``scaling_factor``.

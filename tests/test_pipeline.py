@@ -131,7 +131,7 @@ def test_batch_with_generator_list_equals_single_calls(pipe, eta):
 def test_export_reload_identical(exported):
     top = sorted(p.name for p in exported.iterdir())
     assert top == sorted(["model_index.json", "vae", "unet", "scheduler", "pipeline.py",
-                          "README.md"])
+                          "face_ldm_explore.py", "README.md"])
     files = [p.relative_to(exported).as_posix() for p in exported.rglob("*") if p.is_file()]
     assert not [f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl"))]
     assert "vae/diffusion_pytorch_model.safetensors" in files

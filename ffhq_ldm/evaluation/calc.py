@@ -4,8 +4,9 @@ statistics.
 Steps: Inception features of the samples -> FID / KID / precision-recall
 against the reference; nearest training images in Inception and pixel space
 -> memorisation flags against a held-out baseline; then ``metrics.json``,
-``report.md``, ``neighbours.png``, ``nn_hist.png`` and ``uniqueness.csv`` in the
-output folder.
+``report.md``, ``report.html`` (self-contained), ``neighbours.png``, ``nn_hist.png``,
+``samples_grid.png`` and ``uniqueness.csv`` in the output folder (and, with ``--model``,
+interpolation strips in ``interpolations/``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from ..config import PERCEPTUAL_CHOICES as LPIPS_CHOICES
+from ..visual import save_grid
 from .errors import EvaluationError
 from .features import (
     InceptionFeatureExtractor,
@@ -28,6 +30,7 @@ from .features import (
     fingerprint_sha256,
     get_extractor,
 )
+from .html_report import write_html_report
 from .images import (
     center_crop_resize,
     iter_image_batches,
@@ -112,10 +115,13 @@ def _train_inception_features(
 
 
 def _check_inputs(ref_path: str, data_dir: str, samples_dir: str | None, model: str | None,
-                  holdout_dir: str | None, holdout_fraction: float):
+                  holdout_dir: str | None, holdout_fraction: float, strips=()):
     """Cheap input checks, before any model is loaded: (train, sample, held-out image paths)."""
     if (samples_dir is None) == (model is None):
         raise EvaluationError("give exactly one of --samples DIR or --model PIPELINE")
+    for strip in strips:  # interpolation strips for report.html
+        if not Path(strip).is_file():
+            raise EvaluationError(f"strip image not found: {strip}")
     train_paths = list_images(data_dir, "training data folder")
     sample_paths = list_images(samples_dir, "samples folder") if samples_dir else None
     holdout_paths = None
@@ -219,9 +225,10 @@ def run_calc(
     pr_k: int = 3, memo_quantile: float = 0.01, memo_scale: float = 0.5,
     max_train: int | None = None, grid_rows: int = 16, lpips: str = "none",
     lpips_trunk: str | None = None, extractor: InceptionFeatureExtractor | None = None,
+    strips: Sequence[str] = (), interpolations: int = 2,
 ) -> dict:
     train_paths, sample_paths, holdout_paths = _check_inputs(
-        ref_path, data_dir, samples_dir, model, holdout_dir, holdout_fraction)
+        ref_path, data_dir, samples_dir, model, holdout_dir, holdout_fraction, strips)
     lpips_net = build_lpips(lpips, lpips_trunk) if lpips != "none" else None  # fail fast
     if extractor is None:
         extractor = get_extractor(inception, device)
@@ -287,13 +294,15 @@ def run_calc(
                 "fingerprint", "fingerprint_sha256"):
         metrics[key] = settings[key]
     _write_outputs(out_dir, metrics, results, flags, samples, sample_names, train_names,
-                   train_loader, grid_rows)
+                   train_loader, grid_rows, strips, model, interpolations, steps, seed, dev)
     return metrics
 
 
 def _write_outputs(out_dir, metrics, results, flags, samples, sample_names, train_names,
-                   train_loader, grid_rows) -> None:
-    """metrics.json, uniqueness.csv, neighbours.png, nn_hist.png and report.md."""
+                   train_loader, grid_rows, strips, model, interpolations, steps, seed,
+                   device) -> None:
+    """metrics.json, uniqueness.csv, neighbours.png, nn_hist.png, report.md, samples_grid.png
+    and report.html (with interpolation strips: given ones, and drawn from ``model``)."""
     out = Path(out_dir)
     with (out / "metrics.json").open("w", encoding="utf-8") as f:
         json.dump(metrics, f, indent=2, sort_keys=True)
@@ -303,3 +312,11 @@ def _write_outputs(out_dir, metrics, results, flags, samples, sample_names, trai
                           str(out / "neighbours.png"))
     hist = histogram_image(results, str(out / "nn_hist.png"))
     write_report(out_dir, metrics, results, grid, hist)
+    sample_grid = out / "samples_grid.png"
+    save_grid(samples[:64], sample_grid)
+    strip_paths = list(strips)
+    if model is not None and interpolations > 0:
+        from ffhq_ldm.explore import model_strips
+
+        strip_paths += model_strips(model, interpolations, steps, seed, device, out_dir)
+    write_html_report(out_dir, metrics, str(sample_grid), grid, hist, strip_paths)

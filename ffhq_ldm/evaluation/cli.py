@@ -70,7 +70,8 @@ def _cmd_calc(args) -> int:
         device=args.device, inception=args.inception, kid_subsets=args.kid_subsets,
         kid_subset_size=args.kid_subset_size, pr_k=args.pr_k, memo_quantile=args.memo_quantile,
         memo_scale=args.memo_scale, max_train=args.max_train, grid_rows=args.grid_rows,
-        lpips=args.lpips, lpips_trunk=args.lpips_trunk,
+        lpips=args.lpips, lpips_trunk=args.lpips_trunk, strips=args.strip or (),
+        interpolations=args.interpolations,
     )
     from pathlib import Path
 
@@ -82,7 +83,7 @@ def _cmd_calc(args) -> int:
     if caveat:
         print(caveat)
     out = Path(args.out)
-    print(f"wrote {out / 'metrics.json'} and {out / 'report.md'}")
+    print(f"wrote {out / 'metrics.json'}, {out / 'report.md'} and {out / 'report.html'}")
     return 0
 
 
@@ -147,6 +148,12 @@ def register(subparsers) -> argparse.ArgumentParser:
                            "weights locally; the random-trunk variant is not the real metric)")
     calc.add_argument("--lpips-trunk", default=None, metavar="PATH",
                       help="torchvision trunk weights file for LPIPS")
+    calc.add_argument("--interpolations", type=int, default=2,
+                      help="with --model: interpolation strips (8 frames, DDIM) drawn for "
+                           "report.html")
+    calc.add_argument("--strip", action="append", default=None, metavar="PNG",
+                      help="an interpolation strip (ffhq-ldm interpolate's strip.png) to show in "
+                           "report.html; repeatable")
     _common(calc)
     calc.set_defaults(func=_cmd_calc)
     return ev

@@ -2,7 +2,7 @@
 
 Both are written to a temporary folder and renamed into place, so a reader never sees half of
 one. A pipeline folder carries ``pipeline.py`` (the pipeline's source, which imports only
-torch and diffusers) and a model card.
+torch and diffusers), its companion ``face_ldm_explore.py`` and a model card.
 """
 
 from __future__ import annotations
@@ -13,6 +13,9 @@ from pathlib import Path
 
 from ..data.split import SPLIT_FILE
 from ..io import replace_dir
+
+# Files of pipelines/ that pipeline_face_ldm.py imports, copied beside pipeline.py on export.
+PIPELINE_COMPANIONS = ("face_ldm_explore.py",)
 
 
 def export_vae(vae, out_dir: Path, scaling_factor: float, split: dict) -> Path:
@@ -40,6 +43,8 @@ def export_pipeline(pipeline, out_dir: Path, card: dict | None = None) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     pipeline.save_pretrained(tmp, safe_serialization=True)
     shutil.copyfile(pipeline_source(), tmp / "pipeline.py")
+    for name in PIPELINE_COMPANIONS:  # pipeline.py imports them relatively
+        shutil.copyfile(pipeline_source().with_name(name), tmp / name)
     (tmp / "README.md").write_text(model_card(pipeline, card or {}))
     replace_dir(tmp, out_dir)
     return out_dir
