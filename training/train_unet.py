@@ -30,6 +30,7 @@ from pathlib import Path
 
 from ffhq_ldm.cli_common import UsageError, run_main
 from ffhq_ldm.config import UNetConfig, config_from_args
+from ffhq_ldm.train import posthoc_ema
 from ffhq_ldm.train.options import training_parser
 
 # Config fields that may differ on resume: they do not change what is trained.
@@ -53,6 +54,7 @@ def parse_args(argv=None):
     parser.add_argument("--max-nonfinite", type=int, default=20, metavar="K",
                         help="stop (exit code 2) after K steps in a row with a non-finite loss; "
                              "each one skips its update")
+    posthoc_ema.add_arguments(parser)
     args = parser.parse_args(argv)
     for name in ("gradient_accumulation", "max_nonfinite", "log_every", "cache_batch_size"):
         if getattr(args, name) < 1:
@@ -101,6 +103,7 @@ def main(argv=None) -> int:
     parts = stage2.build(run, config, latent_shape, compile=False if args.no_compile else None,
                              max_nonfinite=args.max_nonfinite)
     vae.to(run.device)
+    posthoc = posthoc_ema.from_args(args, parts.step.ema_model)  # None without --posthoc-ema
     run_facts = {"num_train_images": len(train_items), "global_batch": global_batch,
                  "latent_shape": list(latent_shape),
                  "vae_fingerprint": stage2.cache_fingerprint(cache_dir)}
@@ -113,10 +116,14 @@ def main(argv=None) -> int:
                        schedulers={"lr": parts.lr_sched}, ema=parts.ema, guard=parts.guard)
     if state is not None:
         window[0], window[1] = state["log_window"]["loss_sum"], state["log_window"]["count"]
+        if posthoc is not None:
+            posthoc.load(run.resumed_from)
+    if posthoc is not None and run.main:
+        posthoc.prune(run.out, run.step)
     run.save_config(vae=args.vae, latent_cache=str(cache_dir), gradient_accumulation=accum,
                     global_batch=global_batch, latent_shape=list(latent_shape),
                     scaling_factor=cache.scaling_factor, max_nonfinite=args.max_nonfinite,
-                    speed=parts.speed)
+                    speed=parts.speed, posthoc_ema=posthoc and posthoc.settings())
     exporter = stage2.Exporter(run, vae, parts, config, latent_shape, global_batch)
 
     # -- training loop -------------------------------------------------------------------------
@@ -125,6 +132,9 @@ def main(argv=None) -> int:
         # a non-finite loss or gradient skips the optimizer step and the EMA update
         slices = stage2.micro_batches(batch, config.batch_size, run, accum)
         result = parts.step(cache, slices)
+        if posthoc is not None:
+            posthoc.update(parts.step.ema_model,
+                           enabled=True if result.skipped is None else ~result.skipped)
         window[0] += torch.where(result.skipped, 0.0, result.loss)
         window[1] += (~result.skipped).float()
         return result, global_batch
@@ -148,12 +158,18 @@ def main(argv=None) -> int:
             {"nonfinite": parts.guard.state_dict(),
              "log_window": {"loss_sum": mean.item(), "count": window[1].item()}},
             models={"unet": parts.unet}, optimizers={"unet": parts.opt},
-            schedulers={"lr": parts.lr_sched}, ema=parts.ema)
+            schedulers={"lr": parts.lr_sched}, ema=parts.ema,
+            extras=[posthoc] if posthoc else [])
+
+    def on_step(step, is_checkpoint):
+        exporter.on_step(step, is_checkpoint)
+        if posthoc is not None and run.main:
+            posthoc.maybe_snapshot(step, run.out, final=step == config.max_steps)
 
     batches = stage2.batch_stream(run, config, global_batch, len(cache), latent_shape)
     parts.unet.train()
     code = run.loop(batches, step_fn, parts.guard, checkpoint, desc="train unet",
-                    log_every=args.log_every, log_values=log_values, on_step=exporter.on_step)
+                    log_every=args.log_every, log_values=log_values, on_step=on_step)
     if code is not None:
         return code
     exporter.finish()  # resumed at the end (stopped at its last step): export once more
