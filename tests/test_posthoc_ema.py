@@ -151,8 +151,9 @@ def test_fp16_snapshots_add_a_small_error(tmp_path):
         profiles.maybe_snapshot(step, tmp_path, final=step == len(thetas))
     got = reconstruct(plan(tmp_path, 0.07))["w"].double().numpy()
     # fp16 keeps 11 significant bits (relative rounding 2^-11 = 4.9e-4); the combination's
-    # coefficients sum to 1 but are of both signs, which amplifies it a little
-    assert np.linalg.norm(got - exact) / np.linalg.norm(exact) < 2e-3
+    # coefficients sum to 1 but are of both signs, which could amplify it;
+    # measured: 1.8e-4 (fp32 snapshots: 5.8e-5)
+    assert np.linalg.norm(got - exact) / np.linalg.norm(exact) < 5e-4
 
 
 # ---------------------------------------------------------------------------------------------
