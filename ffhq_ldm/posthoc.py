@@ -60,11 +60,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inception", default=None, help="Inception weights file (see evaluate)")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter,
+                     argparse.RawDescriptionHelpFormatter):
+    """Defaults shown, and the module docstring's layout kept."""
+
+
 def register(subparsers) -> None:
     """Add ``ema`` to the ``ffhq-ldm`` command line."""
     p = subparsers.add_parser(
         "ema", help="reconstruct (and score) the EMA of any length from post-hoc EMA snapshots",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=__doc__, formatter_class=_HelpFormatter)
     add_arguments(p)
     p.set_defaults(func=run)
 
