@@ -349,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import register as register_bench  # argparse only: torch loads when it runs
 
     register_bench(sub)
+    from .posthoc import register as register_ema  # argparse only: torch loads when it runs
+
+    register_ema(sub)
     from .data.scan import register as register_scan_data  # standard library only at import
 
     register_scan_data(sub)

@@ -30,7 +30,13 @@ from pathlib import Path
 
 from ffhq_ldm.cli_common import run_trainer
 from ffhq_ldm.config import UNetConfig, config_from_args
-from ffhq_ldm.train.options import require_data, require_positive, require_vae, training_parser
+from ffhq_ldm.train.options import (
+    add_posthoc_arguments,
+    require_data,
+    require_positive,
+    require_vae,
+    training_parser,
+)
 
 # Config fields that may differ on resume: they do not change what is trained.
 MAY_CHANGE = ("max_steps", "checkpoint_every", "preview_every", "preview_steps", "preview_images")
@@ -53,6 +59,7 @@ def parse_args(argv=None):
     parser.add_argument("--max-nonfinite", type=int, default=20, metavar="K",
                         help="stop (exit code 2) after K steps in a row with a non-finite loss; "
                              "each one skips its update")
+    add_posthoc_arguments(parser)
     args = parser.parse_args(argv)
     require_positive(args, "gradient_accumulation", "max_nonfinite", "log_every",
                      "cache_batch_size")
@@ -93,7 +100,7 @@ def main(argv=None) -> int:
     require_vae(args.vae)
 
     from ffhq_ldm.data.images import items_digest
-    from ffhq_ldm.train import stage2
+    from ffhq_ldm.train import posthoc_ema, stage2
     from ffhq_ldm.train.run import Run
 
     run = Run("unet", args, config, MAY_CHANGE)
@@ -109,7 +116,8 @@ def main(argv=None) -> int:
                          max_nonfinite=args.max_nonfinite)
     vae.to(run.device)
     run.print("speed: " + ", ".join(f"{k}={v}" for k, v in parts.speed.items()))
-    loop = stage2.UNetLoop(run, parts, cache, config.batch_size, accum, global_batch)
+    posthoc = posthoc_ema.from_args(args, parts.step.ema_model)  # None without --posthoc-ema
+    loop = stage2.UNetLoop(run, parts, cache, config.batch_size, accum, global_batch, posthoc)
 
     # -- resume, config ------------------------------------------------------------------------
     run_facts = {"num_train_images": len(train_items),
@@ -122,7 +130,7 @@ def main(argv=None) -> int:
     run.save_config(vae=args.vae, latent_cache=str(cache_dir), gradient_accumulation=accum,
                     global_batch=global_batch, latent_shape=list(latent_shape),
                     scaling_factor=cache.scaling_factor, max_nonfinite=args.max_nonfinite,
-                    speed=parts.speed)
+                    speed=parts.speed, posthoc_ema=posthoc and posthoc.settings())
     exporter = stage2.Exporter(run, vae, parts, config, latent_shape, global_batch)
 
     # -- training loop, then the last export ---------------------------------------------------
@@ -130,7 +138,8 @@ def main(argv=None) -> int:
     parts.unet.train()
     code = run.loop(batches, loop.step, parts.guard, loop.checkpoint, desc="train unet",
                     log_every=args.log_every, log_values=loop.log_values,
-                    on_step=exporter.on_step)
+                    on_step=lambda step, is_ckpt: (exporter.on_step(step, is_ckpt),
+                                                   loop.snapshot(step)))
     if code is not None:
         return code
     exporter.finish()  # resumed at the end (stopped at its last step): export once more

@@ -9,6 +9,8 @@ must never run code when it is loaded.
 - ``optimizer-<name>.safetensors`` for each optimizer: its state tensors, with the parameter
   groups and non-tensor state as JSON in the file's metadata (``save_optimizer``);
 - ``ema.safetensors`` when the run keeps an EMA (``ema.EMA.save``);
+- ``posthoc_ema.safetensors`` when the run tracks post-hoc EMA profiles
+  (``posthoc_ema.PostHocEMA.save``);
 - ``rng-<rank>.safetensors`` for every process: its torch (CPU and its own accelerator)
   generator states, with Python's and NumPy's as JSON in the metadata (``capture_rng``);
 - ``trainer_state.json``: step counters and the rest of the trainer's state, the run's config,
@@ -308,12 +310,14 @@ def _rank_file(rank: int) -> str:
 
 def save_checkpoint(accelerator, output_dir: Path, step: int, trainer_state: dict, *,
                     models: dict, optimizers: dict, schedulers: dict | None = None,
-                    ema: EMA | None = None, keep: int = 2, lineage: list | None = None) -> Path:
+                    ema: EMA | None = None, keep: int = 2, lineage: list | None = None,
+                    extras: list = ()) -> Path:
     """Save everything needed to resume exactly; the folder appears only once complete.
 
     ``models``/``optimizers``/``schedulers`` map a file name to the object. ``lineage``: the
     checkpoints of this run (oldest first); older ones beyond ``keep`` and every checkpoint not
     in it (a previous run's, after ``--resume none``) are pruned after the new one is in place.
+    ``extras``: more state, each written by its ``save(folder)`` (the post-hoc EMA profiles).
     """
     root = checkpoint_dir(output_dir)
     final = root / f"{CHECKPOINT_PREFIX}{step:08d}"
@@ -334,6 +338,8 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, trainer_state: dic
             save_optimizer(optimizer, tmp / f"optimizer-{name}.safetensors")
         if ema is not None:
             ema.save(tmp / "ema.safetensors")
+        for extra in extras:
+            extra.save(tmp)
         scaler = getattr(accelerator, "scaler", None)
         scaler_state = None if scaler is None else _json_value_tree(scaler.state_dict())
         payload = dict(trainer_state, format=CHECKPOINT_FORMAT, step=step,

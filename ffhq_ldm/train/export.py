@@ -89,7 +89,7 @@ parameters, on {unet.config.in_channels}x{size}x{size} latents; latent scaling f
 | images seen | {card.get("images_seen", "unknown")} |
 | noise schedule | {schedule} |
 | prediction | {sched.config.prediction_type} |
-| weights | EMA (decay {card.get("ema_decay", "unknown")}) |
+| weights | {card.get("weights") or f"EMA (decay {card.get('ema_decay', 'unknown')})"} |
 
 ## Measured
 | metric | value |

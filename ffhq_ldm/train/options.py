@@ -79,3 +79,36 @@ def require_positive(args, *names: str) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, not {value}")
+
+
+# Post-hoc EMA (EDM2): the trainer's options; the tracking is train/posthoc_ema.py.
+POSTHOC_SIGMA_RELS = (0.05, 0.10)  # EDM2's two tracked profiles
+POSTHOC_EVERY = 20_000  # steps between snapshots; see docs/training.md "Post-hoc EMA"
+POSTHOC_DTYPES = ("float16", "float32")  # storage of the snapshots
+
+
+def float_list(text: str) -> list[float]:
+    """argparse type: "0.05,0.1" -> [0.05, 0.1]."""
+    try:
+        values = [float(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text}") \
+            from None
+    if not values:
+        raise argparse.ArgumentTypeError("give at least one value")
+    return values
+
+
+def add_posthoc_arguments(parser: argparse.ArgumentParser) -> None:
+    """The trainer's ``--posthoc-*`` options."""
+    group = parser.add_argument_group("post-hoc EMA (EDM2; see docs/training.md)")
+    group.add_argument("--posthoc-ema", action="store_true",
+                       help="also track power-function EMA profiles and save their snapshots "
+                            "(OUTPUT/posthoc_ema/), for `ffhq-ldm ema` after training")
+    group.add_argument("--posthoc-sigma-rels", type=float_list,
+                       default=",".join(map(str, POSTHOC_SIGMA_RELS)),
+                       help="relative standard deviations of the tracked profiles")
+    group.add_argument("--posthoc-every", type=int, default=POSTHOC_EVERY,
+                       help="steps between snapshots (the last step always gets one)")
+    group.add_argument("--posthoc-dtype", choices=POSTHOC_DTYPES, default="float16",
+                       help="storage type of the snapshots (the tracking itself is fp32)")

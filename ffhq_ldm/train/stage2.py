@@ -84,22 +84,29 @@ class UNetLoop:
     steps: the loop's only host read), and the checkpoint."""
 
     def __init__(self, run, parts: UNetParts, cache, micro_batch: int, accumulation: int,
-                 global_batch: int):
-        self.run, self.parts, self.cache = run, parts, cache
+                 global_batch: int, posthoc=None):
+        self.run, self.parts, self.cache, self.posthoc = run, parts, cache, posthoc
         self.micro_batch, self.accumulation, self.global_batch = (micro_batch, accumulation,
                                                                   global_batch)
         self.window = torch.zeros(2, device=run.device)  # (loss sum, finite steps)
 
     def load_state(self, state: dict | None) -> None:
+        """The resumed checkpoint's log window (and post-hoc EMA profiles)."""
         if state is not None:
             self.window[0] = state["log_window"]["loss_sum"]
             self.window[1] = state["log_window"]["count"]
+            if self.posthoc is not None:
+                self.posthoc.load(self.run.resumed_from)
+        if self.posthoc is not None and self.run.main:
+            self.posthoc.prune(self.run.out, self.run.step)  # snapshots past the checkpoint
 
     def step(self, batch: dict):
         # forward, backward, clipping, AdamW, LR schedule and EMA, all queued on the device;
         # a non-finite loss or gradient skips the optimizer step and the EMA update
         slices = micro_batches(batch, self.micro_batch, self.run, self.accumulation)
         result = self.parts.step(self.cache, slices)
+        if self.posthoc is not None:  # the power-function profiles, gated like the EMA
+            self.posthoc.update(self.parts.step.ema_model, enabled=~result.skipped)
         self.window[0] += torch.where(result.skipped, 0.0, result.loss)
         self.window[1] += (~result.skipped).float()
         return result, self.global_batch
@@ -127,7 +134,14 @@ class UNetLoop:
             {"nonfinite": parts.guard.state_dict(),
              "log_window": {"loss_sum": mean.item(), "count": self.window[1].item()}},
             models={"unet": parts.unet}, optimizers={"unet": parts.opt},
-            schedulers={"lr": parts.lr_sched}, ema=parts.ema)
+            schedulers={"lr": parts.lr_sched}, ema=parts.ema,
+            extras=[self.posthoc] if self.posthoc is not None else [])
+
+    def snapshot(self, step: int) -> None:
+        """A post-hoc EMA snapshot when one is due (main process)."""
+        if self.posthoc is not None and self.run.main:
+            self.posthoc.maybe_snapshot(step, self.run.out,
+                                        final=step == self.run.config.max_steps)
 
 
 def batch_stream(run, config, global_batch: int, num_entries: int, latent_shape: tuple):
