@@ -308,3 +308,20 @@ def test_a_dark_16_bit_image_stays_dark(tmp_path):
     with Image.open(tmp_path / "dark16.png") as image:
         assert image.mode.startswith("I;16")
         assert np.asarray(to_rgb(image)).max() <= 1
+
+
+def test_a_small_file_declaring_a_huge_image_is_refused_before_decoding(tmp_path):
+    """81 Mpx is under PIL's own limit (89.5 Mpx) but costs gigabytes to decode: a 157 KB PNG
+    can declare it. The scan lists it and the loader refuses it, having read only its header."""
+    from ffhq_ldm.data.decode import MAX_PIXELS, load_image
+
+    path = tmp_path / "huge.png"
+    path.write_bytes(_bomb_png(9000, 9000))
+    assert path.stat().st_size < 200_000 and 9000 * 9000 > MAX_PIXELS
+    problem, reason, _ = inspect_image(path, SIZE)
+    assert problem == "decompression bomb"
+    assert "9000x9000" in reason and str(MAX_PIXELS) in reason
+    with pytest.raises(Image.DecompressionBombError):
+        load_image(path, SIZE)
+    # a face photo of 24 Mpx (6000x4000) is under the limit
+    assert 6000 * 4000 < MAX_PIXELS

@@ -52,24 +52,38 @@ def center_crop_resize(image: Image.Image, size: int) -> Image.Image:
     return image
 
 
+# FaceLDM's own pixel limit, below PIL's 89.5 Mpx: a 157 KB PNG can declare a 9000x9000 16-bit
+# image that takes about 2 GB of memory to decode, in every data-loader worker. No face photo
+# needs more than 40 Mpx (FFHQ's images are 1024x1024; its in-the-wild sources stay well below).
+MAX_PIXELS = 40_000_000
+
+
 def open_image(path) -> Image.Image:
     """``Image.open`` that refuses decompression bombs instead of warning about them.
 
     PIL only warns between ``MAX_IMAGE_PIXELS`` and twice that (and raises above); a warning
-    would let a 170-megapixel image be decoded in a data loader worker, so both are errors.
+    would let a 170-megapixel image be decoded in a data loader worker, so both are errors, and
+    so is anything over ``MAX_PIXELS``. Only the header has been read when this refuses.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        return Image.open(path)
+        image = Image.open(path)
+    try:
+        check_pixels(image)
+    except Image.DecompressionBombError:
+        image.close()
+        raise
+    return image
 
 
 def check_pixels(image: Image.Image) -> None:
-    """The same limit for an image that was opened elsewhere (a HuggingFace dataset row)."""
-    limit = Image.MAX_IMAGE_PIXELS
-    if limit and image.width * image.height > limit:
+    """The pixel limit (the smaller of PIL's and ``MAX_PIXELS``), also for an image that was
+    opened elsewhere (a HuggingFace dataset row)."""
+    limit = min(Image.MAX_IMAGE_PIXELS or MAX_PIXELS, MAX_PIXELS)
+    if image.width * image.height > limit:
         raise Image.DecompressionBombError(
-            f"{image.width}x{image.height} pixels is over the decompression-bomb limit of "
-            f"{limit} pixels")
+            f"{image.width}x{image.height} pixels is over the limit of {limit} pixels "
+            "(decoding it would take gigabytes of memory); resize the image first")
 
 
 def load_image(source, size: int) -> Image.Image:
