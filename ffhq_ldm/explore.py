@@ -18,7 +18,7 @@ import math
 import sys
 from pathlib import Path
 
-from .cli_common import UsageError
+from .cli_common import DefaultsHelpFormatter, UsageError
 
 PERCEPTUAL = ("auto", "lpips-vgg", "lpips-alex", "lpips-vgg-random-trunk", "none")
 
@@ -310,7 +310,7 @@ def register(subparsers) -> None:
     """Add ``interpolate``, ``invert`` and ``inpaint`` to the ``ffhq-ldm`` command line."""
     p = subparsers.add_parser(
         "interpolate", help="frames, a strip and a GIF between two faces",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
         description="Spherical interpolation (slerp) between the starting noises of two seeds "
                     "(or of two inverted images), each frame sampled with deterministic DDIM "
                     "(eta 0): the first and last frames are the two faces themselves. Writes "
@@ -328,7 +328,7 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser(
         "invert", help="DDIM-invert images, reconstruct them and make variations",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
         description="Encode each image with the autoencoder (posterior mean times the scaling "
                     "factor), run DDIM backwards to its starting noise, and regenerate it "
                     "from that noise (eta 0); reports the reconstruction's PSNR and LPIPS "
@@ -351,7 +351,7 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser(
         "inpaint", help="fill in the masked region of an image",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
         description="Masked sampling in latent space: after every DDIM step the known part is "
                     "the encoded image noised to that step, blended with the sample through "
                     "the mask taken to the latent grid; --resample U > 1 adds RePaint's "

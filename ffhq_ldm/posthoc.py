@@ -22,7 +22,7 @@ import json
 import math
 from pathlib import Path
 
-from .cli_common import UsageError
+from .cli_common import DefaultsHelpFormatter, UsageError
 from .train.options import float_list
 
 
@@ -50,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inception", default=None, help="Inception weights file (see evaluate)")
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter,
+class _HelpFormatter(DefaultsHelpFormatter,
                      argparse.RawDescriptionHelpFormatter):
     """Defaults shown, and the module docstring's layout kept."""
 

@@ -84,8 +84,9 @@ def test_evaluate_calc_prints_the_caveat_and_clean_paths(monkeypatch, tmp_path, 
     assert json.loads(printed.splitlines()[0])["fid"] == 303.0
     assert (f"note: FID/KID over {n} samples" in printed) == caveat
     assert "//" not in printed
-    assert f"wrote {tmp_path / 'eval' / 'metrics.json'} and {tmp_path / 'eval' / 'report.md'}" \
-        in printed
+    eval_dir = tmp_path / "eval"
+    assert (f"wrote {eval_dir / 'metrics.json'}, {eval_dir / 'report.md'} and "
+            f"{eval_dir / 'report.html'}") in printed
 
 
 def test_report_states_the_caveat(tmp_path):
