@@ -225,7 +225,7 @@ def _sample(args) -> int:
 # ---------------------------------------------------------------------------------------------
 
 def _add_train(sub) -> None:
-    # Parsed by launch.py, not here (the trainer's options follow); this entry is its --help.
+    # Parsed by train/launch.py, not here (the trainer's options follow); this entry is its --help.
     p = sub.add_parser(
         "train", help="train a stage through accelerate launch, passing stop signals and exit "
                       "codes on", formatter_class=_Formatter,
@@ -364,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _dispatch(argv=None) -> int:
     if argv and argv[0] == "train" and argv[1:2] not in (["-h"], ["--help"]):
         # its options are accelerate's and the trainer's: not parsed here
-        from .launch import launch
+        from .train.launch import launch
 
         return launch(list(argv[1:]))
     args = build_parser().parse_args(argv)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from .config import ConfigError
 
-# Set by ``ffhq-ldm train`` (launch.py): where each trainer process writes its exit code, which
-# ``accelerate launch`` would turn into 1.
+# Set by ``ffhq-ldm train`` (train/launch.py): where each trainer process writes its exit
+# code, which ``accelerate launch`` would turn into 1.
 EXIT_DIR_ENV = "FACELDM_EXIT_DIR"
 EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: stopped, rerun to continue (train.resilience)
 _PR_SET_PDEATHSIG = 1

@@ -62,7 +62,7 @@ def load_pipeline(model: str, sampler: str = "ddim", dtype: str = "fp32", device
 
     from pipelines.pipeline_face_ldm import FaceLDMPipeline
 
-    from .export_checks import check_pipeline_folder
+    from .models.export_checks import check_pipeline_folder
     from .train.options import require_pipeline
 
     require_pipeline(model)  # also puts back a MODEL.old that a killed export left

@@ -105,7 +105,7 @@ def test_the_launcher_forwards_sigterm_to_the_trainer_and_returns_its_exit_code(
     ready = tmp_path / "ready"
     command = [sys.executable, "-c", FAKE_ACCELERATE,
                FAKE_TRAINER.replace("sys.argv[1]", repr(str(ready)))]
-    script = ("import sys\nfrom ffhq_ldm import launch\n"
+    script = ("import sys\nfrom ffhq_ldm.train import launch\n"
               f"launch.accelerate_command = lambda *a: {command!r}\n"
               "sys.exit(launch.launch(['unet']))\n")
     top = subprocess.Popen([sys.executable, "-c", script], env=_env(), cwd=ROOT,
@@ -129,7 +129,7 @@ def test_the_launcher_returns_the_trainers_bad_input_code_not_accelerates_1(tmp_
     trainer = ("import sys\nfrom ffhq_ldm.cli_common import UsageError, run_trainer\n"
                "def main(argv):\n    raise UsageError('no such data')\n"
                "sys.exit(run_trainer(main, []))\n")
-    script = ("import sys\nfrom ffhq_ldm import launch\n"
+    script = ("import sys\nfrom ffhq_ldm.train import launch\n"
               f"launch.accelerate_command = lambda *a: "
               f"{[sys.executable, '-c', FAKE_ACCELERATE, trainer]!r}\n"
               "sys.exit(launch.launch(['vae']))\n")

@@ -141,8 +141,8 @@ class LatentCodec:
 def load_vae(path, allow_pickle: bool = False):
     """Load an exported autoencoder folder, with clear errors for anything else."""
     from ..cli_common import UsageError
-    from ..export_checks import check_vae_config
     from ..io import recover_dir
+    from .export_checks import check_vae_config
 
     path = Path(path)
     recover_dir(path)  # an export killed between its two renames left only path.old

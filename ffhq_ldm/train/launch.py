@@ -29,7 +29,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .cli_common import EXIT_DIR_ENV, EXIT_PREEMPTED, UsageError
+from ..cli_common import EXIT_DIR_ENV, EXIT_PREEMPTED, UsageError
 
 STAGES = ("vae", "unet")
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -40,7 +40,7 @@ USAGE = ("usage: ffhq-ldm train [ACCELERATE LAUNCH OPTIONS] vae|unet [TRAINER OP
 
 
 def training_script(stage: str) -> Path:
-    return Path(__file__).resolve().parents[1] / "training" / f"train_{stage}.py"
+    return Path(__file__).resolve().parents[2] / "training" / f"train_{stage}.py"
 
 
 def split_argv(argv: list[str]) -> tuple[list[str], str, list[str]]:

@@ -13,7 +13,7 @@ import json
 import math
 from pathlib import Path
 
-from .cli_common import UsageError
+from ..cli_common import UsageError
 
 COMPONENTS = {"unet": ("UNet2DModel",), "vae": ("AutoencoderKL", "VQModel"),
               "scheduler": ("DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler",
