@@ -345,23 +345,10 @@ def test_image_folder_errors(tmp_path):
 
 # ------------------------------------------------------------------------------------------ CLI
 def _save_tiny_pipeline(path):
-    """A tiny random-weight FaceLDMPipeline (32 px images), built as tests/test_pipeline.py does."""
-    import dataclasses
+    """A tiny random-weight FaceLDMPipeline (32 px images), saved."""
+    from conftest import build_tiny_pipeline
 
-    from ffhq_ldm.config import get_preset
-    from ffhq_ldm.models.unet import build_sample_scheduler, build_unet
-    from ffhq_ldm.models.vae import build_vae
-    from pipelines import FaceLDMPipeline
-
-    torch.manual_seed(0)
-    vae_cfg = dataclasses.replace(get_preset("tiny", "vae"), autoencoder="kl")
-    vae = build_vae(vae_cfg)
-    vae.register_to_config(scaling_factor=0.7)
-    unet_cfg = get_preset("tiny", "unet")
-    unet = build_unet(unet_cfg, vae_cfg.latent_channels, vae_cfg.latent_size)
-    pipe = FaceLDMPipeline(vae=vae.eval(), unet=unet.eval(),
-                           scheduler=build_sample_scheduler(unet_cfg))
-    pipe.save_pretrained(str(path))
+    build_tiny_pipeline().save_pretrained(str(path))
 
 
 @needs_inception

@@ -13,7 +13,6 @@ they check the pipeline + scheduler configuration against something independent 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -23,6 +22,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from conftest import build_tiny_pipeline
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
@@ -31,9 +31,7 @@ from diffusers import (
     VQModel,
 )
 
-from ffhq_ldm.config import get_preset
-from ffhq_ldm.models.unet import build_sample_scheduler, build_unet
-from ffhq_ldm.models.vae import VAELoadError, build_vae, load_vae
+from ffhq_ldm.models.vae import VAELoadError, load_vae
 from ffhq_ldm.sampling import make_scheduler
 from ffhq_ldm.train.export import export_pipeline
 from pipelines import FaceLDMPipeline
@@ -47,16 +45,7 @@ IMAGE = (3, 32, 32)
 
 
 def build_pipeline(autoencoder: str = "kl") -> FaceLDMPipeline:
-    torch.manual_seed(0)
-    vae_cfg = dataclasses.replace(get_preset("tiny", "vae"), autoencoder=autoencoder)
-    vae = build_vae(vae_cfg)
-    vae.register_to_config(scaling_factor=SCALING)
-    unet_cfg = get_preset("tiny", "unet")
-    unet = build_unet(unet_cfg, vae_cfg.latent_channels, vae_cfg.latent_size)
-    pipe = FaceLDMPipeline(vae=vae.eval(), unet=unet.eval(),
-                           scheduler=build_sample_scheduler(unet_cfg))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return build_tiny_pipeline(autoencoder, SCALING)
 
 
 def assert_same_images(a, b):

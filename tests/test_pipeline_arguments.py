@@ -14,27 +14,16 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import build_tiny_pipeline
 
 from ffhq_ldm.cli import main as cli_main
-from ffhq_ldm.config import get_preset
-from ffhq_ldm.models.unet import build_sample_scheduler, build_unet
-from ffhq_ldm.models.vae import build_vae
 from ffhq_ldm.train.export import export_pipeline
 from pipelines import FaceLDMPipeline
 from pipelines.pipeline_face_ldm import PipelineArgumentError
 
 
 def tiny_pipeline() -> FaceLDMPipeline:
-    torch.manual_seed(0)
-    vae_cfg = get_preset("tiny", "vae")
-    vae = build_vae(vae_cfg)
-    vae.register_to_config(scaling_factor=0.7)
-    unet_cfg = get_preset("tiny", "unet")
-    unet = build_unet(unet_cfg, vae_cfg.latent_channels, vae_cfg.latent_size)
-    pipe = FaceLDMPipeline(vae=vae.eval(), unet=unet.eval(),
-                           scheduler=build_sample_scheduler(unet_cfg))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return build_tiny_pipeline()
 
 
 @pytest.fixture(scope="module")

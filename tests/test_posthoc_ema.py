@@ -159,19 +159,6 @@ def test_fp16_snapshots_add_a_small_error(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # the trainer: exact resume after a real SIGTERM, and `ffhq-ldm ema` on the result
 
-@pytest.fixture(scope="module")
-def tiny_vae(tmp_path_factory):
-    from ffhq_ldm.config import get_preset
-    from ffhq_ldm.models.vae import build_vae
-    from ffhq_ldm.train.export import export_vae
-
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("tiny_vae") / "vae"
-    export_vae(build_vae(get_preset("tiny", "vae")), out, 1.0,
-               {"holdout": 8, "split_seed": 0, "resolution": 32})
-    return out
-
-
 def unet_args(faces32, vae, out, cache) -> list:
     return ["--preset", "tiny", "--no-progress", "--log-with", "none", "--data", str(faces32),
             "--vae", str(vae), "--output-dir", str(out), "--latent-cache", str(cache),

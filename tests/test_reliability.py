@@ -194,8 +194,7 @@ def test_sigterm_to_the_launcher_saves_exits_75_and_resumes_bit_identically(
 # ---------------------------------------------------------------------------------------------
 # (3, 9) checksums: a damaged latest checkpoint is passed over for the one before it
 
-# the module fixtures of test_resilience: a tiny exported VAE, an uninterrupted 16-step UNet run
-tiny_vae = resilience_tests.tiny_vae
+# an uninterrupted 16-step UNet run, test_resilience's module fixture (tiny_vae: conftest)
 unet_reference = resilience_tests.unet_reference
 
 

@@ -66,19 +66,6 @@ def steps_logged(out: Path) -> list:
 # ---------------------------------------------------------------------------------------------
 # fixtures: an untrained tiny autoencoder and one uninterrupted UNet run
 
-@pytest.fixture(scope="module")
-def tiny_vae(tmp_path_factory):
-    from ffhq_ldm.config import get_preset
-    from ffhq_ldm.models.vae import build_vae
-    from ffhq_ldm.train.export import export_vae
-
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("tiny_vae") / "vae"
-    export_vae(build_vae(get_preset("tiny", "vae")), out, 1.0,
-               {"holdout": 8, "split_seed": 0, "resolution": 32})
-    return out
-
-
 def unet_args(faces32, tiny_vae, out, cache, *more) -> list:
     return [*COMMON, "--data", str(faces32), "--vae", str(tiny_vae), "--output-dir", str(out),
             "--latent-cache", str(cache), "--log-every", "1", "--max-steps", str(UNET_STEPS),
