@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..io import write_json_atomic
 from .images import ImageDataset, items_digest, open_dataset
 from .split import read_split
 
@@ -64,12 +65,6 @@ class LatentCache:
 
 def _manifest_path(cache_dir: Path) -> Path:
     return cache_dir / "manifest.json"
-
-
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def _expected_identity(codec, items, resolution: int) -> dict:
@@ -186,7 +181,7 @@ def build_latent_cache(codec, items, cache_dir, resolution: int, image_key=None,
     start = done * batch_size
     if start >= len(items) and len(items) > 0:
         manifest["complete"] = True
-        _write_json_atomic(manifest_file, manifest)
+        write_json_atomic(manifest_file, manifest)
         return cache_dir
 
     dataset = ImageDataset(items, resolution, flip="none", image_key=image_key)
@@ -212,13 +207,13 @@ def build_latent_cache(codec, items, cache_dir, resolution: int, image_key=None,
         os.replace(tmp, cache_dir / name)
         manifest["shards"].append(name)
         manifest["latent_shape"] = list(mean.shape[1:])
-        _write_json_atomic(manifest_file, manifest)
+        write_json_atomic(manifest_file, manifest)
         encoded += images.shape[0]
         bar.update(images.shape[0])
         bar.set_postfix(img_per_s=f"{encoded / (time.perf_counter() - t0):.1f}")
     bar.close()
     manifest["complete"] = True
-    _write_json_atomic(manifest_file, manifest)
+    write_json_atomic(manifest_file, manifest)
     return cache_dir
 
 
