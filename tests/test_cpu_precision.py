@@ -32,6 +32,18 @@ def test_other_settings_are_left_to_the_config(env, on_cpu, capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_a_cpu_config_keeps_bf16_only_where_the_cpu_computes_it(capsys):
+    env = {"ACCELERATE_MIXED_PRECISION": "bf16", "ACCELERATE_USE_CPU": "True"}
+    assert training_mixed_precision(env, on_cpu=True, native_bf16=True) is None
+    assert capsys.readouterr().err == ""
+    assert training_mixed_precision(env, on_cpu=True, native_bf16=False) == "no"
+    assert capsys.readouterr().err.startswith("note: no GPU: training in fp32")
+    # The GPU config on a CPU with native bf16 still trains in fp32 (the user did not ask for
+    # bf16 on a CPU).
+    assert training_mixed_precision({"ACCELERATE_MIXED_PRECISION": "bf16"}, on_cpu=True,
+                                    native_bf16=True) == "no"
+
+
 def test_only_the_first_process_says_it(capsys):
     env = {"ACCELERATE_MIXED_PRECISION": "bf16", "RANK": "1"}
     assert training_mixed_precision(env, on_cpu=True) == "no"

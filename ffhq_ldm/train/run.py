@@ -284,6 +284,9 @@ class Run:
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc=desc, unit="step",
                    disable=self.args.no_progress or not self.main, dynamic_ncols=True)
         meter = Throughput()
+        from ..runtime import CpuThreads
+
+        threads = CpuThreads(self.device, say=lambda text: bar.write(text) if self.main else None)
         with GracefulStop(acc) as stop:
             while self.step < cfg.max_steps:
                 batch = next(batches)
@@ -294,6 +297,7 @@ class Run:
                 guard.record(result.skipped, self.step)
                 meter.add(images)
                 bar.update(1)
+                threads.update()
 
                 step, is_last = self.step, self.step == cfg.max_steps
                 is_log = step % log_every == 0 or is_last
