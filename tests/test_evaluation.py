@@ -376,6 +376,8 @@ def test_cli_ref_and_calc_end_to_end(tmp_path, capsys):
     assert m["memorization_rate"] == pytest.approx(2 / 8)
     assert m["fid"] > 0 and 0 <= m["precision"] <= 1 and 0 <= m["recall"] <= 1
     assert m["inception_sha256"] == m["fingerprint"]["weights_sha256"]
+    assert m["reference_point"]["num"] == 8  # 8 of the 12 training images in the samples' place
+    assert "<- attainable" in capsys.readouterr().out
     for f in ("report.md", "neighbours.png", "nn_hist.png", "uniqueness.csv"):
         assert (out / f).stat().st_size > 0
     assert "sample_000006.png" in (out / "report.md").read_text()
@@ -413,3 +415,26 @@ def test_cli_missing_folder_exit_code_2(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: training data folder not found")
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_reference_point_scores_training_features_like_samples():
+    """Training features drawn from the reference's own set score like a perfect model: FID
+    ~0 and precision = recall = 1; a shifted set scores worse. The summary prints both rows."""
+    from ffhq_ldm.evaluation.calc import reference_point
+    from ffhq_ldm.evaluation.metrics import gaussian_stats
+    from ffhq_ldm.evaluation.summary import summary_lines
+
+    feats = np.random.default_rng(0).normal(size=(40, 8)).astype(np.float32)
+    mu, sigma = gaussian_stats(feats)
+    ref = {"features": feats, "mu": mu, "sigma": sigma}
+    same = reference_point(feats, 40, ref, 5, 20, 3, 0, "cpu")
+    assert same["num"] == 40 and same["fid"] == pytest.approx(0.0, abs=1e-6)
+    assert same["precision"] == 1.0 and same["recall"] == 1.0
+    shifted = reference_point(feats + 5.0, 40, ref, 5, 20, 3, 0, "cpu")
+    assert shifted["fid"] == pytest.approx(8 * 25.0, rel=1e-4)  # |mu shift|^2, same covariance
+    assert shifted["precision"] == 0.0
+    assert reference_point(feats[:10], 40, ref, 5, 20, 3, 0, "cpu") is None
+    metrics = {**shifted, "memorized": ["a.png"], "reference_point": same,
+               "settings": {"num_samples": 40, "reference_num_images": 40, "num_train": 40}}
+    text = "\n".join(summary_lines(metrics, "out"))
+    assert "200.00" in text and "<- attainable" in text and "1 of 40 samples (2.5%)" in text

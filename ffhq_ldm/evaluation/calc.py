@@ -188,7 +188,8 @@ def _nearest_neighbours(samples, sample_feats, ref, train_paths, train_names, ho
                         holdout_dir, holdout_fraction, extractor, resolution, bs, seed, dev, kw,
                         lpips, lpips_net):
     """Nearest training images of every sample in each space, against a held-out baseline:
-    (per-space results, a loader of training images by index, the baseline's description)."""
+    (per-space results, a loader of training images by index, the baseline's description, the
+    training images' Inception features)."""
     train_feats = _train_inception_features(extractor, ref, train_names, train_paths, resolution,
                                             bs)
     batches = tqdm(iter_image_batches(train_paths, resolution, 256), desc="train pixels",
@@ -213,7 +214,22 @@ def _nearest_neighbours(samples, sample_feats, ref, train_paths, train_names, ho
                  np.concatenate([r.holdout_idx for r in results], 1)]
         results.append(lpips_space(lpips_net.to(dev), samples, held, train_loader, cands[0],
                                    cands[1], name=f"{lpips} (re-ranked)", **kw))
-    return results, train_loader, holdout_desc
+    return results, train_loader, holdout_desc, train_feats
+
+
+def reference_point(train_feats: np.ndarray, n: int, ref: dict, kid_subsets: int,
+                    kid_subset_size: int, pr_k: int, seed: int, dev) -> dict | None:
+    """The same distribution metrics for ``n`` training images (a seeded subset) in place of
+    the samples: what a model that draws exactly the training distribution would score against
+    this reference at this sample count. Meaningful when the reference is built from images
+    the model never trained on (a held-out folder); None when fewer than ``n`` are at hand."""
+    if len(train_feats) < n:
+        return None
+    pick = np.sort(np.random.default_rng(seed + 2).choice(len(train_feats), n, replace=False))
+    out = _distribution_metrics(train_feats[pick], ref, kid_subsets, kid_subset_size, pr_k,
+                                seed, dev)
+    out["num"] = n
+    return out
 
 
 def run_calc(
@@ -260,7 +276,7 @@ def run_calc(
     if len(train_paths) < 2:
         raise EvaluationError("need at least 2 training images for the nearest-neighbour analysis")
     kw = dict(quantile=memo_quantile, scale=memo_scale, device=dev)
-    results, train_loader, holdout_desc = _nearest_neighbours(
+    results, train_loader, holdout_desc, train_feats = _nearest_neighbours(
         samples, sample_feats, ref, train_paths, train_names, holdout_paths, holdout_dir,
         holdout_fraction, extractor, resolution, bs, seed, dev, kw, lpips, lpips_net)
     # A random-trunk LPIPS is not a perceptual metric: report it, but do not let it flag samples.
@@ -275,20 +291,20 @@ def run_calc(
         "seed": seed, "resolution": resolution, "reference": os.path.abspath(ref_path),
         "reference_num_images": len(ref["features"]), "data": os.path.abspath(data_dir),
         "num_train": len(train_paths), "holdout": holdout_desc,
-        "inception_source": extractor.source.origin,
-        "inception_sha256": extractor.source.sha256,
+        "inception_source": extractor.source.origin, "inception_sha256": extractor.source.sha256,
         "fingerprint": fp, "fingerprint_sha256": fingerprint_sha256(fp),
-        "kid_subsets": kid_subsets,
+        "kid_subsets": kid_subsets, "pr_k": pr_k, "pr_num": dist["pr_num"],
         "kid_subset_size": min(kid_subset_size, n, len(ref["features"])),
-        "pr_k": pr_k, "pr_num": dist["pr_num"], "memo_quantile": memo_quantile,
-        "memo_scale": memo_scale, "device": str(dev), "lpips": lpips,
+        "memo_quantile": memo_quantile, "memo_scale": memo_scale, "device": str(dev),
+        "lpips": lpips,
     }
     metrics = {
         "fid": dist["fid"], "kid": dist["kid"], "kid_std": dist["kid_std"],
         "precision": dist["precision"], "recall": dist["recall"],
         "memorization_rate": float(flags.mean()), "memorized": memorized,
         "uniqueness": {r.name: r.summary() for r in results}, "settings": settings,
-    }
+        "reference_point": reference_point(train_feats, n, ref, kid_subsets,
+                                           kid_subset_size, pr_k, seed, dev)}
     # Key settings also at top level, for scripts that read a few fields.
     for key in ("num_samples", "sampler", "steps", "seed", "inception_source", "inception_sha256",
                 "fingerprint", "fingerprint_sha256"):

@@ -76,9 +76,11 @@ def _cmd_calc(args) -> int:
     from pathlib import Path
 
     from .caveats import small_sample_caveat
+    from .summary import summary_lines
 
     keys = ("fid", "kid", "kid_std", "precision", "recall", "memorization_rate")
     print(json.dumps({k: m[k] for k in keys}))
+    print("\n".join(summary_lines(m, args.out)))
     caveat = small_sample_caveat(m["num_samples"], m["settings"]["reference_num_images"])
     if caveat:
         print(caveat)
