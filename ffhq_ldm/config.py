@@ -250,8 +250,8 @@ PRESETS: dict[str, dict[str, dict]] = {
     # term: the real LPIPS trunk needs a download, and a random-trunk VGG at 128 px costs more
     # on a CPU than the whole autoencoder (see README).
     "demo": {
-        # Measured on a 2-core CPU: the autoencoder trains at ~12 img/s (400 steps, ~4.5 min,
-        # held-out PSNR 11 -> 22 dB), the UNet at ~66 img/s (1000 steps, ~8 min).
+        # Measured on a 2-core CPU with native bf16 (docs/demo.md): the autoencoder trains at
+        # ~16 img/s in bf16 (400 steps, ~3.5 min), the UNet at ~60 img/s (1000 steps, ~6 min).
         "vae": dict(block_out_channels=(16, 32, 64), layers_per_block=1, latent_channels=4,
                     norm_num_groups=8, perceptual="none", disc_start=10**9,
                     learning_rate=1e-3, batch_size=8, max_steps=400, holdout=64,
@@ -260,6 +260,19 @@ PRESETS: dict[str, dict[str, dict]] = {
                      attention_resolutions=(8, 4), attention_head_dim=32, norm_num_groups=16,
                      learning_rate=1e-3, warmup_steps=100, batch_size=32, max_steps=1000,
                      ema_decay=0.995, checkpoint_every=500, preview_every=500,
+                     preview_images=16),
+    },
+    # The demo's models trained longer on bigger batches, for `make demo` on a GPU. Sized by
+    # estimate for about five minutes in all on one H100-class GPU (not yet measured there).
+    "demo-gpu": {
+        "vae": dict(block_out_channels=(16, 32, 64), layers_per_block=1, latent_channels=4,
+                    norm_num_groups=8, perceptual="none", disc_start=10**9,
+                    learning_rate=1e-3, batch_size=32, max_steps=6000, holdout=256,
+                    eval_every=2000, checkpoint_every=2000, scale_images=2048, num_workers=4),
+        "unet": dict(block_out_channels=(32, 64, 128, 128), layers_per_block=1,
+                     attention_resolutions=(8, 4), attention_head_dim=32, norm_num_groups=16,
+                     learning_rate=1e-3, warmup_steps=200, batch_size=128, max_steps=8000,
+                     ema_decay=0.999, checkpoint_every=2000, preview_every=2000,
                      preview_images=16),
     },
     # For tests: 32 px images, a few thousand parameters, runs in seconds.
