@@ -27,7 +27,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	touch $@
 
 # The whole road on built-in synthetic faces: data -> autoencoder -> latent UNet -> pipeline ->
-# 256 samples (the grid shows the first 64) -> how good they are, against 256 held-out faces
+# 200 samples (the grid shows the first 64) -> how good they are, against 256 held-out faces
 # drawn with another seed (never trained on), beside the score of training faces against them.
 demo: install
 	$(BIN)/ffhq-ldm synth --out $(DEMO)/faces --num 2000 --seed 0
@@ -37,11 +37,11 @@ demo: install
 	$(BIN)/accelerate launch $(ACCEL) training/train_unet.py \
 		--preset $(DEMO_PRESET) --data $(DEMO)/faces --vae $(DEMO)/vae_run/vae \
 		--output-dir $(DEMO)/unet_run
-	$(BIN)/ffhq-ldm sample --model $(DEMO)/unet_run/pipeline --num 256 --seed 0 \
+	$(BIN)/ffhq-ldm sample --model $(DEMO)/unet_run/pipeline --num 200 --seed 0 \
 		--out $(DEMO)/samples --grid $(DEMO)/samples_grid.png
 	$(BIN)/ffhq-ldm evaluate ref --data $(DEMO)/held_out --out $(DEMO)/held_out_ref.npz
 	$(BIN)/ffhq-ldm evaluate calc --samples $(DEMO)/samples --ref $(DEMO)/held_out_ref.npz \
-		--data $(DEMO)/faces --max-train 512 --interpolations 0 --out $(DEMO)/eval \
+		--data $(DEMO)/faces --max-train 200 --interpolations 0 --out $(DEMO)/eval \
 		> $(DEMO)/quality.txt
 	@echo
 	@sed 1d $(DEMO)/quality.txt

@@ -251,15 +251,15 @@ PRESETS: dict[str, dict[str, dict]] = {
     # on a CPU than the whole autoencoder (see README).
     "demo": {
         # Measured on a 2-core CPU with native bf16 (docs/demo.md): the autoencoder trains at
-        # ~16 img/s in bf16 (400 steps, ~3.5 min), the UNet at ~60 img/s (1000 steps, ~6 min).
+        # ~14 img/s in bf16 (400 steps, ~4 min), the UNet at ~55 img/s (700 steps, ~7 min).
         "vae": dict(block_out_channels=(16, 32, 64), layers_per_block=1, latent_channels=4,
                     norm_num_groups=8, perceptual="none", disc_start=10**9,
                     learning_rate=1e-3, batch_size=8, max_steps=400, holdout=64,
                     eval_every=200, checkpoint_every=200, scale_images=1024, num_workers=1),
         "unet": dict(block_out_channels=(32, 64, 128, 128), layers_per_block=1,
                      attention_resolutions=(8, 4), attention_head_dim=32, norm_num_groups=16,
-                     learning_rate=1e-3, warmup_steps=100, batch_size=32, max_steps=1000,
-                     ema_decay=0.995, checkpoint_every=500, preview_every=500,
+                     learning_rate=1e-3, warmup_steps=100, batch_size=32, max_steps=700,
+                     ema_decay=0.995, checkpoint_every=350, preview_every=350,
                      preview_images=16),
     },
     # The demo's models trained longer on bigger batches, for `make demo` on a GPU. Sized by
