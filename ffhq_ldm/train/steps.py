@@ -234,7 +234,9 @@ class AutoencoderTrainStep(_Step):
             posterior = None if mean is None else (mean, logvar)
             reg, logs = fn.regularizer(posterior, vq_loss)
         # the image-space terms on a detached copy of x̂: LPIPS and D go backward once each
-        xh = x_hat.detach().requires_grad_()
+        # (a view, not the leaf itself: torch's module tracker, e.g. under FlopCounterMode,
+        # refuses autograd.grad with respect to a leaf that a module took as input)
+        xh = x_hat.detach().requires_grad_().view_as(x_hat)
         with self._autocast(x.device):
             nll, nll_logs = fn.nll(x, xh, kl=posterior is not None, perceptual=self.perceptual)
             g_loss = self.adversarial(xh) if fn.disc_active(step) else None
