@@ -9,6 +9,9 @@ on what the weights are):
               clipping, AdamW, EMA (what training/train_unet.py does per step)
 - train-vae   one autoencoder step with the full loss: L1 + LPIPS-VGG + KL, PatchGAN with the
               adaptive weight (forced active), and the discriminator's step
+- train-vae-ldm  the same step with the adaptive weight computed as LDM's code does (two
+              autograd.grad calls through LPIPS and PatchGAN, then the full backward), eager:
+              what train-vae's single pass saves
 - encode      posterior mean and std of a batch of images (the latent-cache builder's work)
 - sample      FaceLDMPipeline: DDIM-50 and VAE decode, per image
 Each in the plain way (fp32, eager, contiguous, torch.optim defaults: diffusers' example
@@ -33,10 +36,10 @@ from pathlib import Path
 
 from .cli_common import DefaultsHelpFormatter
 
-TASKS = ("train-unet", "train-vae", "encode", "sample")
-# Compiled at the largest batch, in this order (the budget may cut the last one): the training
-# step and sampling matter most for a run's wall time. The VAE step is not compiled (see train_vae).
-COMPILED_TASKS = ("train-unet", "sample", "encode")
+TASKS = ("train-unet", "train-vae", "train-vae-ldm", "encode", "sample")
+# Compiled at the largest batch (the autoencoder step at --vae-batch-size), in this order (the
+# budget may cut the last one): the training steps and sampling matter most for a run's wall time.
+COMPILED_TASKS = ("train-unet", "train-vae", "sample", "encode")
 
 # The project's reference measurements (docs/design.md, "Reference speed"): one H200, bf16
 # matmul peak measured at 799 TFLOP/s, paper preset.
@@ -399,10 +402,10 @@ class Bench:
             loss.item()  # diffusers' example logs the loss every step: one sync per step
         return step, batch
 
-    def _vae_step(self, fast: bool):
+    def _vae_step(self, fast: bool, compiled: bool = False, ldm_reference: bool = False):
         """The trainer's own stage-1 step (stage1.build: the autoencoder's and the
         discriminator's updates, adaptive weight, guard, clipping, fused Adam), in bf16
-        autocast when ``fast``, else fp32."""
+        autocast when ``fast``, else fp32; ``ldm_reference``: LDM's adaptive weight."""
         import torch
 
         from .train import stage1
@@ -410,14 +413,18 @@ class Bench:
         self.seed()
         return stage1.build(None, self.vae_config, device=self.device,
                             autocast_dtype=torch.bfloat16 if fast else None,
-                            perceptual=self.build_perceptual()).step
+                            perceptual=self.build_perceptual(), compile=compiled,
+                            compile_mode=self.args.compile_mode,
+                            ldm_reference=ldm_reference).step
 
-    def train_vae(self, fast: bool, compiled: bool, batch: int):
-        # Not compiled: the adaptive weight differentiates twice through a retained graph.
-        step = self._vae_step(fast)
+    def train_vae(self, fast: bool, compiled: bool, batch: int, ldm_reference: bool = False):
+        step = self._vae_step(fast, compiled, ldm_reference)
         x = self.images(batch)
         # the discriminator forced active: the step as it runs for most of a real run
         return (lambda: step(x, self.vae_config.disc_start)), batch
+
+    def train_vae_ldm(self, fast: bool, compiled: bool, batch: int):
+        return self.train_vae(fast, False, batch, ldm_reference=True)
 
     def encode(self, fast: bool, compiled: bool, batch: int):
         import torch
@@ -488,11 +495,14 @@ class Bench:
             out["unet_forward"] = fwd / 1e9
             out["unet_train_step"] = (fwd + bwd) / 1e9
             del unet, held
-        if {"train-vae", "encode", "sample"} & set(tasks):
-            if "train-vae" in tasks:
-                step, x = self._vae_step(fast=False), self.images(1)
-                out["vae_train_step"] = count_flops(
-                    lambda: step(x, self.vae_config.disc_start)) / 1e9
+        if {"train-vae", "train-vae-ldm", "encode", "sample"} & set(tasks):
+            for task, key in (("train-vae", "vae_train_step"),
+                              ("train-vae-ldm", "vae_train_step_ldm")):
+                if task in tasks:
+                    step = self._vae_step(fast=False, ldm_reference=task == "train-vae-ldm")
+                    x = self.images(1)
+                    out[key] = count_flops(
+                        lambda s=step, x=x: s(x, self.vae_config.disc_start)) / 1e9
             vae = self.build_vae().eval()
             with torch.no_grad():
                 x = self.images(1)
@@ -527,8 +537,8 @@ def _encoder(vae):
 # ---------------------------------------------------------------------------------------------
 # The run
 
-FLOPS_KEY = {"train-unet": "unet_train_step", "train-vae": "vae_train_step", "encode": "encode",
-             "sample": "sample"}
+FLOPS_KEY = {"train-unet": "unet_train_step", "train-vae": "vae_train_step",
+             "train-vae-ldm": "vae_train_step_ldm", "encode": "encode", "sample": "sample"}
 
 
 def variant_name(task: str, fast: bool, compiled: bool) -> str:
@@ -546,11 +556,12 @@ def plan(args, device) -> list[tuple[str, bool, bool, int]]:
     """
     jobs = []
     for task in args.only:
-        sizes = [args.vae_batch_size] if task == "train-vae" else args.batch_size
+        sizes = [args.vae_batch_size] if task.startswith("train-vae") else args.batch_size
         jobs.append((task, False, False, sizes[0]))
         jobs += [(task, True, False, b) for b in sizes]
     if device.type == "cuda" and not args.no_compile:
-        jobs += [(t, True, True, args.batch_size[-1]) for t in COMPILED_TASKS if t in args.only]
+        jobs += [(t, True, True, args.vae_batch_size if t == "train-vae" else args.batch_size[-1])
+                 for t in COMPILED_TASKS if t in args.only]
     return jobs
 
 
@@ -730,18 +741,18 @@ def format_table(report: dict) -> str:
                  f"{k.replace('_', ' ')} {v:.4g} GFLOP" for k, v in flops.items())]
     if report.get("perceptual"):
         lines.append(f"LPIPS:  {report['perceptual']}")
-    header = (f"{'task':<11}{'variant':<24}{'batch':>6}{'img/s':>10}{'x base':>8}"
+    header = (f"{'task':<14}{'variant':<24}{'batch':>6}{'img/s':>10}{'x base':>8}"
               f"{'TFLOP/s':>10}{'of peak':>9}{'peak mem':>10}{'syncs':>7}")
     lines += ["", header, "-" * len(header)]
     for r in report["results"]:
         if "images_per_s" not in r:
             why = r.get("error") or r.get("skipped")
-            lines.append(f"{r['task']:<11}{r['variant']:<24}{r['batch_size']:>6}  {why}")
+            lines.append(f"{r['task']:<14}{r['variant']:<24}{r['batch_size']:>6}  {why}")
             continue
         mem = _fmt(r.get("peak_memory_gib"), ".1f", "n/a")
         share = 100 * r["fraction_of_peak"] if "fraction_of_peak" in r else None
         lines.append(
-            f"{r['task']:<11}{r['variant']:<24}{r['batch_size']:>6}"
+            f"{r['task']:<14}{r['variant']:<24}{r['batch_size']:>6}"
             f"{_fmt(r['images_per_s'], '.4g'):>10}"
             f"{_fmt(r.get('speedup_vs_baseline'), '.2f') + 'x':>8}"
             f"{_fmt(r.get('achieved_tflops'), '.4g'):>10}"

@@ -51,56 +51,72 @@ class AutoencoderLoss(nn.Module):
     def disc_active(self, step: int) -> bool:
         return step >= self.config.disc_start
 
-    def reconstruction(self, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-        """Per-pixel |x − x̂| + w_p · LPIPS, shape (N, C, H, W) (LPIPS broadcast per image)."""
+    def reconstruction(self, x: torch.Tensor, x_hat: torch.Tensor,
+                       perceptual: nn.Module | None = None) -> torch.Tensor:
+        """Per-pixel |x − x̂| + w_p · LPIPS, shape (N, C, H, W) (LPIPS broadcast per image).
+        ``perceptual``: what to call for LPIPS (e.g. a compiled one); default self.perceptual."""
         rec = (x - x_hat).abs()
         if self.perceptual is not None and self.config.perceptual_weight > 0:
+            perceptual = self.perceptual if perceptual is None else perceptual
             # LPIPS runs in fp32 even under autocast: its per-layer unit normalisation is
             # sensitive, and it is ~5% of the step's FLOPs.
             with torch.autocast(device_type=x.device.type, enabled=False):
-                p = self.perceptual(x.float(), x_hat.float())
+                p = perceptual(x.float(), x_hat.float())
             rec = rec + self.config.perceptual_weight * p
         return rec
+
+    def nll(self, x, x_hat, kl: bool, perceptual: nn.Module | None = None):
+        """The reconstruction term ``(nll, logs)``: summed over pixels for KL, averaged for VQ."""
+        x_hat = x_hat.float()
+        rec = self.reconstruction(x.float(), x_hat, perceptual)
+        nll = rec.flatten(1).sum(1).mean() if kl else rec.mean()
+        logs = {"loss/l1": (x - x_hat).abs().mean().detach(), "loss/rec": rec.mean().detach(),
+                "loss/nll": nll.detach()}
+        return nll, logs
+
+    def regularizer(self, posterior: tuple[torch.Tensor, torch.Tensor] | None,
+                    vq_loss: torch.Tensor | None):
+        """``(weight · term, logs)``: kl_weight · KL for KL (posterior = (mean, logvar)),
+        codebook_weight · (codebook + commitment) for VQ."""
+        if posterior is not None:
+            reg = kl_to_standard_normal(posterior[0].float(), posterior[1].float()).mean()
+            return self.config.kl_weight * reg, {"loss/kl": reg.detach()}
+        reg = vq_loss.float().mean()
+        return self.config.codebook_weight * reg, {"loss/vq": reg.detach()}
 
     def generator_loss(self, x, x_hat, step: int, last_layer: torch.Tensor,
                        posterior: tuple[torch.Tensor, torch.Tensor] | None = None,
                        vq_loss: torch.Tensor | None = None):
-        """The autoencoder's loss. ``posterior`` = (mean, logvar) for KL; ``vq_loss`` for VQ."""
-        cfg = self.config
-        x_hat = x_hat.float()
-        rec = self.reconstruction(x.float(), x_hat)
-        logs = {"loss/l1": (x - x_hat).abs().mean().detach()}
-        if posterior is not None:
-            nll = rec.flatten(1).sum(1).mean()
-            reg = kl_to_standard_normal(posterior[0].float(), posterior[1].float()).mean()
-            loss = nll + cfg.kl_weight * reg
-            logs["loss/kl"] = reg.detach()
-        else:
-            nll = rec.mean()
-            reg = vq_loss.float().mean()
-            loss = nll + cfg.codebook_weight * reg
-            logs["loss/vq"] = reg.detach()
-        logs["loss/rec"] = rec.mean().detach()
-        logs["loss/nll"] = nll.detach()
+        """The autoencoder's loss. ``posterior`` = (mean, logvar) for KL; ``vq_loss`` for VQ.
+
+        The adaptive weight as LDM computes it: two ``autograd.grad`` calls through LPIPS and
+        the discriminator, before the caller's backward goes through them again.
+        ``AutoencoderTrainStep`` computes the same loss and gradients with one pass each."""
+        nll, logs = self.nll(x, x_hat, kl=posterior is not None)
+        reg, reg_logs = self.regularizer(posterior, vq_loss)
+        loss = nll + reg
+        logs.update(reg_logs)
 
         if self.disc_active(step):
             self.discriminator.requires_grad_(False)  # its grads come from its own step only
-            logits_fake = self.discriminator(x_hat)
+            logits_fake = self.discriminator(x_hat.float())
             self.discriminator.requires_grad_(True)
             g_loss = -logits_fake.float().mean()
-            weight = cfg.disc_weight * adaptive_weight(nll, g_loss, last_layer)
+            weight = self.config.disc_weight * adaptive_weight(nll, g_loss, last_layer)
             loss = loss + weight * g_loss
             logs.update({"loss/g_adv": g_loss.detach(), "disc/adaptive_weight": weight})
         logs["loss/total"] = loss.detach()
         return loss, logs
 
-    def discriminator_loss(self, x, x_hat, step: int):
-        """Hinge loss on real vs reconstructed images; zero (and no graph) before disc_start."""
+    def discriminator_loss(self, x, x_hat, step: int, discriminator: nn.Module | None = None):
+        """Hinge loss on real vs reconstructed images; zero (and no graph) before disc_start.
+        ``discriminator``: what to call (e.g. a compiled one); default ``self.discriminator``."""
         if not self.disc_active(step):
             zero = x.new_zeros(())
             return zero, {}
-        logits_real = self.discriminator(x.detach()).float()
-        logits_fake = self.discriminator(x_hat.detach()).float()
+        disc = self.discriminator if discriminator is None else discriminator
+        logits_real = disc(x.detach()).float()
+        logits_fake = disc(x_hat.detach()).float()
         loss = hinge_d_loss(logits_real, logits_fake)
         logs = {"loss/disc": loss.detach(), "disc/logits_real": logits_real.mean().detach(),
                 "disc/logits_fake": logits_fake.mean().detach()}

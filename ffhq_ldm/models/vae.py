@@ -177,13 +177,18 @@ class Reconstructor(torch.nn.Module):
 
     The trainer wraps this module (not the VAE's encode/decode methods) with accelerate, so
     distributed data parallel sees a single forward and synchronises all the VAE's gradients.
+    With ``last_layer=False`` the first output is the input ``h`` of the decoder's last layer
+    instead (``x̂ = vae.decoder.conv_out(h)``): the training step applies that layer itself, so
+    that the adaptive GAN weight's gradients with respect to it stay outside a compiled graph.
     """
 
     def __init__(self, vae):
         super().__init__()
         self.vae = vae
 
-    def forward(self, x: torch.Tensor, sample_posterior: bool = True):
+    def forward(self, x: torch.Tensor, sample_posterior: bool = True, last_layer: bool = True):
+        if not last_layer:
+            return self._before_last_layer(x, sample_posterior)
         if is_vq(self.vae):
             h = self.vae.encode(x).latents
             out = self.vae.decode(h, return_dict=True)
@@ -191,3 +196,23 @@ class Reconstructor(torch.nn.Module):
         dist = self.vae.encode(x).latent_dist
         z = dist.sample() if sample_posterior else dist.mode()
         return self.vae.decode(z).sample, dist.mean, dist.logvar, None
+
+    def _before_last_layer(self, x: torch.Tensor, sample_posterior: bool):
+        """The same computation as ``forward``, stopped before ``decoder.conv_out`` (the steps
+        of diffusers' ``decode`` for this configuration: no tiling, no spatial norm)."""
+        vae = self.vae
+        if is_vq(vae):
+            quant, commit_loss, _ = vae.quantize(vae.encode(x).latents)
+            mean = logvar = None
+            z = vae.post_quant_conv(quant)
+        else:
+            dist = vae.encode(x).latent_dist
+            z = dist.sample() if sample_posterior else dist.mode()
+            mean, logvar, commit_loss = dist.mean, dist.logvar, None
+            if vae.post_quant_conv is not None:
+                z = vae.post_quant_conv(z)
+        dec = vae.decoder
+        h = dec.mid_block(dec.conv_in(z), None)
+        for block in dec.up_blocks:
+            h = block(h, None)
+        return dec.conv_act(dec.conv_norm_out(h)), mean, logvar, commit_loss

@@ -16,7 +16,7 @@ from ..data.scan import ScanReport, inspect_image
 from ..losses.autoencoder import AutoencoderLoss
 from ..losses.perceptual import build_perceptual
 from ..models.discriminator import PatchDiscriminator
-from ..models.vae import Reconstructor, build_vae, decoder_last_layer
+from ..models.vae import Reconstructor, build_vae
 from ..speed import channels_last_wanted, to_channels_last
 from .steps import AutoencoderTrainStep, autoencoder_optimizers, make_guard
 
@@ -72,10 +72,13 @@ class AutoencoderParts:
 
 def build(run, config, *, lpips_trunk: str | None = None, max_nonfinite: int = 20,
           accelerator=None, device=None, autocast_dtype=None,
-          perceptual: torch.nn.Module | None = None) -> AutoencoderParts:
+          perceptual: torch.nn.Module | None = None, compile: bool | None = None,
+          compile_mode: str | None = None, ldm_reference: bool = False) -> AutoencoderParts:
     """The autoencoder and everything its step needs, on ``run``'s accelerator (or, with
     ``run=None``, on ``device`` in plain PyTorch with ``autocast_dtype``: the bench, which
-    also passes its own ``perceptual`` network)."""
+    also passes its own ``perceptual`` network). ``compile``: torch.compile the step's
+    networks (None: on CUDA only, see ``speed.compile_wanted``); ``ldm_reference``: the
+    adaptive weight computed as LDM's code does, eager (see ``AutoencoderTrainStep``)."""
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
@@ -99,12 +102,13 @@ def build(run, config, *, lpips_trunk: str | None = None, max_nonfinite: int = 2
         to_channels_last(perceptual.to(device), channels_last)
     guard = make_guard(max_nonfinite, device, opt_g, acc,
                        write=lambda text: tqdm.write(text, file=sys.stderr))
-    step = AutoencoderTrainStep(recon, loss_fn, opt_g, opt_d, last_layer=decoder_last_layer(vae),
+    step = AutoencoderTrainStep(recon, loss_fn, opt_g, opt_d, last_layer=vae.decoder.conv_out,
                                 grad_clip=config.grad_clip, autocast_dtype=autocast_dtype,
-                                accelerator=acc, guard=guard)
+                                accelerator=acc, guard=guard, compile=compile,
+                                compile_mode=compile_mode, ldm_reference=ldm_reference)
     speed = {"mixed_precision": acc.mixed_precision if acc is not None else str(autocast_dtype),
              "channels_last": channels_last, "fused_adam": bool(opt_g.defaults.get("fused")),
-             "data_workers": config.num_workers,
+             "data_workers": config.num_workers, "compiled": step.compiled,
              "tf32": device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32}
     return AutoencoderParts(vae, recon, disc, perceptual, opt_g, opt_d, guard, step, speed)
 

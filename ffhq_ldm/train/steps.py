@@ -129,31 +129,81 @@ class UNetTrainStep(_Step):
         return StepResult(total, logs, grad_norm, skipped)
 
 
+class _Adversarial(torch.nn.Module):
+    """The generator's adversarial term −mean D(x̂) as its own module: compiled, it is a graph
+    of its own, apart from the discriminator's step (whose inputs need no gradient)."""
+
+    def __init__(self, discriminator: torch.nn.Module):
+        super().__init__()
+        self.discriminator = discriminator
+
+    def forward(self, x_hat: torch.Tensor) -> torch.Tensor:
+        return -self.discriminator(x_hat).float().mean()
+
+
 class AutoencoderTrainStep(_Step):
     """One stage-1 step: the autoencoder's update, then (from ``disc_start``) the discriminator's.
 
+    The loss is LDM's (``losses.autoencoder``), with the adaptive GAN weight
+    λ = disc_weight · clamp(‖∇_L nll‖ / (‖∇_L g‖ + 1e-4), 0, 1e4) (Esser et al. 2021, eq. 7)
+    for the decoder's last layer L. LDM differentiates nll and g with respect to L through
+    LPIPS and the discriminator, then backpropagates the whole loss through them again. Here
+    the image-space terms run on a detached copy of x̂, so LPIPS and the discriminator go
+    backward once each, giving ∂nll/∂x̂ and ∂g/∂x̂; the gradients on L are those two chained
+    through L alone (L = ``decoder.conv_out`` runs outside the compiled model for this); and
+    ∂nll/∂x̂ + λ ∂g/∂x̂ then goes back through the autoencoder once. Loss, λ and every
+    gradient are LDM's (tests/test_autoencoder_step.py checks them against the formula).
+
     Args:
         recon_model: ``models.vae.Reconstructor`` (or its DDP wrapper): ``x -> (x̂, mean, logvar,
-            vq_loss)`` in one forward.
+            vq_loss)`` in one forward, or the last layer's input instead of x̂.
         loss_fn: ``losses.autoencoder.AutoencoderLoss`` (its ``discriminator`` is the one
             ``opt_d`` steps).
         opt_g, opt_d: the autoencoder's and the discriminator's optimisers.
-        last_layer: the decoder weight the adaptive GAN weight differentiates against.
+        last_layer: the decoder's last convolution (``decoder.conv_out`` of the plain VAE);
+            the adaptive weight differentiates against its weight.
         grad_clip: max gradient norm of the autoencoder's update; 0 disables.
         accelerator / autocast_dtype / guard: as for ``UNetTrainStep``. With a guard, a
             non-finite loss (or gradient norm) skips that optimiser's update.
+        compile: torch.compile (static shapes) the autoencoder up to its last layer, LPIPS,
+            and the discriminator (None: on CUDA only, see ``speed.compile_wanted``).
+        compile_mode / compile_backend: ``torch.compile``'s mode and backend.
+        ldm_reference: compute the adaptive weight as LDM's code does (``generator_loss``:
+            two ``autograd.grad`` calls, then the full backward), eager: the baseline that
+            ``ffhq-ldm bench`` times against.
 
     Call with a batch of images in [-1, 1] on the device and the step number (it decides
     whether the GAN terms are on). Returns a ``StepResult``; ``skipped`` is True when either
     update was skipped.
     """
 
-    def __init__(self, recon_model, loss_fn, opt_g, opt_d, *, last_layer, grad_clip: float = 0.0,
-                 autocast_dtype: torch.dtype | None = None, accelerator=None, guard=None):
+    def __init__(self, recon_model, loss_fn, opt_g, opt_d, *, last_layer: torch.nn.Module,
+                 grad_clip: float = 0.0, autocast_dtype: torch.dtype | None = None,
+                 accelerator=None, guard=None, compile: bool | None = False,
+                 compile_mode: str | None = None, compile_backend: str = "inductor",
+                 ldm_reference: bool = False):
+        from ..speed import maybe_compile
+
         self.model, self.loss_fn, self.opt_g, self.opt_d = recon_model, loss_fn, opt_g, opt_d
         self.last_layer, self.grad_clip = last_layer, grad_clip
         self.autocast_dtype, self.accelerator, self.guard = autocast_dtype, accelerator, guard
         self.params = [p for p in recon_model.parameters() if p.requires_grad]
+        self.ldm_reference = ldm_reference
+        disc = loss_fn.discriminator
+        plain_disc = accelerator.unwrap_model(disc) if accelerator is not None else disc
+        # The generator's D call needs no gradient sync: the plain module, not DDP's wrapper.
+        self.forward, self.perceptual = recon_model, loss_fn.perceptual
+        self.adversarial, self.discriminator = _Adversarial(plain_disc), disc
+        if ldm_reference:
+            compile = False
+        options = dict(mode=compile_mode, backend=compile_backend)
+        self.forward = maybe_compile(recon_model, compile, **options)
+        self.compiled = self.forward is not recon_model
+        if self.compiled:
+            if self.perceptual is not None:
+                self.perceptual = maybe_compile(self.perceptual, True, **options)
+            self.adversarial = maybe_compile(self.adversarial, True, **options)
+            self.discriminator = maybe_compile(disc, True, **options)
 
     def _update(self, optimizer, *values) -> torch.Tensor | None:
         """Optimiser step unless a value is not finite (with a guard); gradients zeroed."""
@@ -165,26 +215,67 @@ class AutoencoderTrainStep(_Step):
         self.guard.step(optimizer, bad)
         return bad
 
-    def __call__(self, x: torch.Tensor, step: int) -> StepResult:
-        # the autoencoder's update (its loss includes the adaptive-weight GAN term once active)
+    def _ldm_generator(self, x: torch.Tensor, step: int):
+        """LDM's way: the loss with its adaptive weight by ``autograd.grad``, then backward."""
         with self._autocast(x.device):
             x_hat, mean, logvar, vq_loss = self.model(x)
             loss, logs = self.loss_fn.generator_loss(
-                x, x_hat, step, self.last_layer,
+                x, x_hat, step, self.last_layer.weight,
                 posterior=None if mean is None else (mean, logvar), vq_loss=vq_loss)
         self._backward(loss)
+        return loss.detach(), logs, x_hat
+
+    def _generator(self, x: torch.Tensor, step: int):
+        """The same loss and gradients with one backward pass through each network."""
+        fn = self.loss_fn
+        with self._autocast(x.device):
+            h, mean, logvar, vq_loss = self.forward(x, last_layer=False)
+            x_hat = self.last_layer(h).float()
+            posterior = None if mean is None else (mean, logvar)
+            reg, logs = fn.regularizer(posterior, vq_loss)
+        # the image-space terms on a detached copy of x̂: LPIPS and D go backward once each
+        # (a view, not the leaf itself: torch's module tracker, e.g. under FlopCounterMode,
+        # refuses autograd.grad with respect to a leaf that a module took as input)
+        xh = x_hat.detach().requires_grad_().view_as(x_hat)
+        with self._autocast(x.device):
+            nll, nll_logs = fn.nll(x, xh, kl=posterior is not None, perceptual=self.perceptual)
+            g_loss = self.adversarial(xh) if fn.disc_active(step) else None
+        logs.update(nll_logs)
+        grad = torch.autograd.grad(nll, xh)[0]  # ∂nll/∂x̂
+        loss = nll.detach() + reg.detach()
+        if g_loss is not None:
+            g_grad = torch.autograd.grad(g_loss, xh)[0]  # ∂g/∂x̂
+            # ∇_L by the chain rule through the last layer alone (its weight gradient only)
+            last = self.last_layer.weight
+            nll_l, g_l = (torch.autograd.grad(x_hat, last, g, retain_graph=True)[0]
+                          for g in (grad, g_grad))
+            weight = nll_l.float().norm() / (g_l.float().norm() + 1e-4)
+            weight = fn.config.disc_weight * weight.clamp(0.0, 1e4)
+            loss = loss + weight * g_loss.detach()
+            grad = grad + weight * g_grad
+            logs.update({"loss/g_adv": g_loss.detach(), "disc/adaptive_weight": weight})
+        logs["loss/total"] = loss
+        # Σ x̂ · ∂loss/∂x̂ + regulariser has the loss's gradients with respect to every weight
+        self._backward((x_hat * grad).sum() + reg)
+        return loss, logs, xh.detach()
+
+    def __call__(self, x: torch.Tensor, step: int) -> StepResult:
+        # the autoencoder's update (its loss includes the adaptive-weight GAN term once active)
+        generator = self._ldm_generator if self.ldm_reference else self._generator
+        loss, logs, x_hat = generator(x, step)
         grad_norm = self._clip()
         bad = self._update(self.opt_g, loss, grad_norm)
 
         # the discriminator's update, from disc_start on
         if self.loss_fn.disc_active(step):
             with self._autocast(x.device):
-                d_loss, d_logs = self.loss_fn.discriminator_loss(x, x_hat, step)
+                d_loss, d_logs = self.loss_fn.discriminator_loss(
+                    x, x_hat, step, discriminator=self.discriminator)
             self._backward(d_loss)
             bad_d = self._update(self.opt_d, d_loss)
             logs.update(d_logs)
             bad = bad if bad_d is None else bad | bad_d
-        return StepResult(loss.detach(), logs, grad_norm, bad)
+        return StepResult(loss, logs, grad_norm, bad)
 
 
 # ---------------------------------------------------------------------------------------------
