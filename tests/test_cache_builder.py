@@ -114,3 +114,18 @@ def test_shards_beyond_the_manifest_are_never_used(vae, faces32, tmp_path):
     cache = load_latent_cache(cache_dir, LatentCodec(vae), files, 32)
     mean, std = reference(vae, files, 4)
     assert torch.equal(cache.mean, mean) and torch.equal(cache.std, std)
+
+
+def test_a_partial_cache_of_another_precision_is_restarted_not_mixed(vae, faces32, tmp_path):
+    files = list_images(faces32)[:8]
+    cache_dir = tmp_path / "c"
+    build_latent_cache(LatentCodec(vae), files, cache_dir, 32, batch_size=4,
+                       dtype=torch.bfloat16, progress=False)
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    manifest.update(shards=manifest["shards"][:1], complete=False)  # killed after one shard
+    (cache_dir / "manifest.json").write_text(json.dumps(manifest))
+    build_latent_cache(LatentCodec(vae), files, cache_dir, 32, batch_size=4,
+                       dtype=torch.float32, progress=False)
+    cache = load_latent_cache(cache_dir, LatentCodec(vae), files, 32)
+    mean, std = reference(vae, files, 4)
+    assert torch.equal(cache.mean, mean) and torch.equal(cache.std, std)

@@ -219,17 +219,22 @@ class LatentEncoder:
         self.codec.vae.to(memory_format=torch.contiguous_format)
 
 
-def _start(codec, items, cache_dir: Path, resolution: int, batch_size: int) -> dict | None:
-    """The manifest to continue (a partial cache of the same identity and shard size) or to
-    start; None when the cache is already complete. Refuses a cache of another identity."""
+def _start(codec, items, cache_dir: Path, resolution: int, batch_size: int,
+           dtype: torch.dtype) -> dict | None:
+    """The manifest to continue (a partial cache of the same identity, shard size and encoder
+    precision) or to start; None when the cache is already complete. Refuses a cache of
+    another identity."""
     expected = _expected_identity(codec, items, resolution)
-    manifest = dict(expected, shard_size=batch_size, shards=[], complete=False)
+    precision = str(dtype).removeprefix("torch.")
+    manifest = dict(expected, shard_size=batch_size, encode_dtype=precision, shards=[],
+                    complete=False)
     if _manifest_path(cache_dir).is_file():
         old = read_manifest(cache_dir)
         _check_identity(old, expected, cache_dir)
         if old.get("complete"):
             return None
-        if old.get("shard_size") == batch_size:
+        if old.get("shard_size") == batch_size and \
+                old.get("encode_dtype", "float32") == precision:
             manifest = old  # resume: trust only the shards the manifest lists
     return manifest
 
@@ -262,8 +267,9 @@ def build_latent_cache(codec, items, cache_dir, resolution: int, image_key=None,
     ``batch_size`` images (None: ``default_batch_size``) written by a background thread."""
     cache_dir, device = Path(cache_dir), torch.device(device)
     batch_size = batch_size or default_batch_size(device)
+    dtype = default_dtype(device) if dtype is None else dtype
     cache_dir.mkdir(parents=True, exist_ok=True)
-    manifest = _start(codec, items, cache_dir, resolution, batch_size)
+    manifest = _start(codec, items, cache_dir, resolution, batch_size, dtype)
     if manifest is None:
         return cache_dir
     done = len(manifest["shards"])
