@@ -131,7 +131,6 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--preset", default="demo")
     parser.add_argument("--device", default="cpu")
-    args = parser.parse_args()
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     print(load(), flush=True)
@@ -143,6 +142,7 @@ def main() -> None:
         for r in range(args.repeats):
             stage1_streams(args, Path(tmp), r)
     print(load(), flush=True)
+
 
 if __name__ == "__main__":
     main()
