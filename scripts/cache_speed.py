@@ -136,11 +136,11 @@ def main() -> None:
     print(load(), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
+            stage1_streams(args, Path(tmp), r)
+        for r in range(args.repeats):
             if args.old_root:
                 old_builder(args, Path(tmp) / f"old{r}")
             new_builder(args, Path(tmp) / f"new{r}")
-        for r in range(args.repeats):
-            stage1_streams(args, Path(tmp), r)
     print(load(), flush=True)
 
 
