@@ -1,7 +1,7 @@
 """Images per second of the two data caches, old way and new way side by side, in one run.
 
     python scripts/cache_speed.py --data FACES --vae VAE_DIR [--old-root CHECKOUT] [--images N]
-        [--repeats R]
+        [--stream-images M] [--repeats R]
 
 1. The latent cache builder (what ``train_unet.py`` and ``ffhq-ldm cache-latents`` run) on the
    training split of ``--data`` as the autoencoder's export records it: the current builder
@@ -102,7 +102,7 @@ def stage1_streams(args, tmp: Path, repeat: int) -> None:
     from ffhq_ldm.train.run import EpochSampler
 
     config = get_preset(args.preset, "vae")
-    files = list_images(args.data)[:args.images]
+    files = list_images(args.data)[:args.stream_images or args.images]
     size, per_epoch = config.batch_size, len(files) // config.batch_size
     run = SimpleNamespace(step=0, procs=1, device=torch.device(args.device), config=config,
                           accelerator=SimpleNamespace(process_index=0))
@@ -129,6 +129,8 @@ def main() -> None:
     parser.add_argument("--vae", required=True, type=Path)
     parser.add_argument("--old-root", type=Path, default=None)
     parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--stream-images", type=int, default=None,
+                        help="images for the stage 1 streams (default: --images)")
     parser.add_argument("--preset", default="demo")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=2)
