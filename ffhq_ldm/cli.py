@@ -143,6 +143,8 @@ def _cache_latents(args) -> int:
     from .train.options import require_data, require_positive, require_vae
 
     require_positive(args, "batch_size")
+    if args.num_workers is not None and args.num_workers < 0:
+        raise UsageError(f"--num-workers must be >= 0, not {args.num_workers}")
     require_vae(args.vae)
     require_data(args.data)
 
@@ -155,10 +157,11 @@ def _cache_latents(args) -> int:
     device = pick_device(args.device)
     vae = load_vae(args.vae).eval()
     train, _, key, resolution = split_for_vae(args.vae, vae.config.sample_size, args.data)
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "auto": None}[args.dtype]
     build_latent_cache(LatentCodec(vae), train, args.latent_cache, resolution, image_key=key,
                        batch_size=args.batch_size, num_workers=args.num_workers, device=device,
-                       dtype=dtype, progress=not args.no_progress)
+                       dtype=dtype, compile=False if args.no_compile else None,
+                       progress=not args.no_progress)
     print(f"latent cache of {len(train)} images (and their mirrors): {args.latent_cache}")
     return 0
 
@@ -295,9 +298,15 @@ def _add_cache_latents(sub) -> None:
     p.add_argument("--vae", required=True, help="exported autoencoder folder")
     p.add_argument("--data", required=True, help="image folder or hf:...")
     p.add_argument("--latent-cache", required=True, help="cache folder")
-    p.add_argument("--batch-size", type=int, default=64, help="images encoded at once")
-    p.add_argument("--num-workers", type=int, default=2, help="data loader workers")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="encoder precision")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images encoded at once, one shard (default: 256 on CUDA, 64 elsewhere)")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="image decoding threads (default: one per CPU core, at most 8; 0: none)")
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="encoder precision (auto: bf16 autocast on CUDA, fp32 elsewhere)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="do not torch.compile the encoder (compiled by default on CUDA only; "
+                        "FFHQ_LDM_COMPILE=0/1 also decides)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cache_latents)

@@ -47,8 +47,9 @@ def parse_args(argv=None):
     parser.add_argument("--vae", required=True, help="the exported autoencoder folder (OUT/vae)")
     parser.add_argument("--latent-cache", default=None,
                         help="latent cache folder (default: OUTPUT/latent_cache)")
-    parser.add_argument("--cache-batch-size", type=int, default=64,
-                        help="images encoded at once when building the cache")
+    parser.add_argument("--cache-batch-size", type=int, default=None,
+                        help="images encoded at once when building the cache (default: 256 on "
+                             "CUDA, 64 elsewhere)")
     parser.add_argument("--gradient-accumulation", type=int, default=1,
                         help="micro-batches per optimizer step; global batch = batch-size x "
                              "processes x this")

@@ -41,6 +41,10 @@ def parse_args(argv=None):
     parser.add_argument("--small-images", choices=SMALL_IMAGE_POLICIES, default="upscale",
                         help="images smaller than --resolution: upscale them (with a warning) "
                              "or skip them")
+    parser.add_argument("--image-cache", choices=("auto", "on", "off"), default="auto",
+                        help="train from the images decoded once into OUTPUT/image_cache (uint8)"
+                             " instead of a DataLoader; auto: when it takes at most half the "
+                             "available memory")
     parser.add_argument("--no-rfid", action="store_true",
                         help="no reconstruction FID (Inception features of the held-out images "
                              "and their reconstructions; computed at the final evaluation)")
@@ -95,23 +99,29 @@ def open_data(run, args, config):
     return train_set, held_set, train_items, image_key, report
 
 
-def data_loader(run, config, train_set):
-    """Batches in a replayable order (seed, epoch), mirrors chosen by the sampler; they stay
-    on the host, where the image indices they carry are checked for free."""
+def data_loader(run, args, config, train_set, report):
+    """Batches in a replayable order (seed, epoch), mirrors chosen by the sampler: from the
+    decoded-image cache (``--image-cache``), else from a DataLoader, whose batches stay on the
+    host, where the image indices they carry are checked for free."""
     import torch
     from torch.utils.data import DataLoader
 
+    from ffhq_ldm.data import pixel_cache
     from ffhq_ldm.train import stage1
     from ffhq_ldm.train.resilience import ignore_stop_signals
     from ffhq_ldm.train.run import EpochSampler
 
     sampler = EpochSampler(len(train_set), config.seed, flip=True)
+    batches_per_epoch = len(train_set) // (config.batch_size * run.procs)
+    if pixel_cache.wanted(args.image_cache, len(train_set), config.resolution):
+        cache = stage1.open_pixel_cache(run, train_set, report)
+        run.print(f"data: decoded-image cache {cache.dir} ({cache.array.nbytes / 1e9:.2f} GB)")
+        return stage1.cached_stream(run, cache, sampler, batches_per_epoch)
     loader = DataLoader(train_set, batch_size=config.batch_size, sampler=sampler, drop_last=True,
                         num_workers=config.num_workers, pin_memory=torch.cuda.is_available(),
                         persistent_workers=config.num_workers > 0,
                         worker_init_fn=ignore_stop_signals)
     loader = run.accelerator.prepare_data_loader(loader, device_placement=False)
-    batches_per_epoch = len(train_set) // (config.batch_size * run.procs)
     return stage1.batch_stream(run, loader, sampler, batches_per_epoch)
 
 
@@ -134,7 +144,7 @@ def main(argv=None) -> int:
     # -- data, models, loss, optimisers: the step the bench times too -------------------------
     train_set, held_set, train_items, image_key, report = open_data(run, args, config)
     config = run.config  # with the held-out count used
-    batches = data_loader(run, config, train_set)
+    batches = data_loader(run, args, config, train_set, report)
     parts = stage1.build(run, config, lpips_trunk=args.lpips_trunk,
                          max_nonfinite=args.max_nonfinite)
     run.print("speed: " + ", ".join(f"{k}={v}" for k, v in parts.speed.items()))

@@ -52,7 +52,13 @@ from .scan import scan_folder
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """(3, H, W) float32 in [-1, 1]."""
     array = np.array(image, dtype=np.uint8)  # a writable copy
-    return torch.from_numpy(array).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+    return from_uint8(torch.from_numpy(array).permute(2, 0, 1))
+
+
+def from_uint8(x: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (on any device, any layout) -> float32 in [-1, 1]: ``x / 127.5 - 1``, two
+    correctly rounded IEEE operations, so a CPU and a GPU give the same bits."""
+    return x.float().div_(127.5).sub_(1.0)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -116,6 +122,15 @@ class ImageDataset(Dataset):
 
     def get(self, index: int) -> tuple[torch.Tensor, int]:
         """(image ``index``, or the next one that decodes; the index actually used)."""
+        array, j = self.get_array(index)
+        x = from_uint8(torch.from_numpy(array).permute(2, 0, 1))
+        if self.flip == "always" or (self.flip == "random" and torch.rand(()) < 0.5):
+            x = x.flip(-1)
+        return x, j
+
+    def get_array(self, index: int) -> tuple[np.ndarray, int]:
+        """(image ``index`` as (H, W, 3) uint8, unflipped, or the next one that decodes; the
+        index actually used). ``get`` is this, scaled to [-1, 1] (and flipped)."""
         n = len(self.items)
         for k in range(n):
             j = (index + k) % n
@@ -131,10 +146,7 @@ class ImageDataset(Dataset):
                           file=sys.stderr, flush=True)
                 _LOAD_FAILURES[self.name(j)] = reason
                 continue
-            x = to_tensor(image)
-            if self.flip == "always" or (self.flip == "random" and torch.rand(()) < 0.5):
-                x = x.flip(-1)
-            return x, j
+            return np.array(image, dtype=np.uint8), j  # a writable copy
         raise DataError(f"none of the {n} images could be decoded (see the warnings above)")
 
     def __getitem__(self, index: int) -> torch.Tensor:

@@ -160,6 +160,38 @@ def batch_stream(run, loader, sampler, batches_per_epoch: int):
         yield from loader
 
 
+def open_pixel_cache(run, train_set: FlipEncoded, report: ScanReport):
+    """The decoded-image cache of the training images (``data/pixel_cache.py``) in
+    ``OUTPUT/image_cache``: built or completed by the main process, then opened by every one;
+    files that failed to decode while it was built go to ``skipped_files.json``."""
+    from ..data.pixel_cache import PixelCache, build_pixel_cache
+
+    plain, cache_dir = train_set.plain, run.out / "image_cache"
+    if run.main:
+        build_pixel_cache(plain.items, cache_dir, plain.size, plain.image_key,
+                          progress=not run.args.no_progress)
+    run.accelerator.wait_for_everyone()
+    cache = PixelCache(cache_dir, plain.items, plain.size)
+    if run.main and report.add_load_failures(cache.load_failures):
+        report.write(run.out / "skipped_files.json")
+    return cache
+
+
+def cached_stream(run, cache, sampler, batches_per_epoch: int):
+    """``batch_stream``'s batches, gathered from the decoded-image cache: the same order and
+    mirrors (``sampler.order``), each process taking every ``procs``-th batch of the global
+    order as accelerate's sharded loader does, on the device already."""
+    size, procs, rank = run.config.batch_size, run.procs, run.accelerator.process_index
+    while True:
+        epoch, offset = divmod(run.step, batches_per_epoch)
+        order = sampler.order(epoch)
+        for k in range(offset, batches_per_epoch):
+            first = (k * procs + rank) * size
+            indices = order[first:first + size]
+            rows = indices % len(cache)
+            yield cache.batch(indices, run.device), rows, rows
+
+
 def export(run, vae, train_items, image_key, small_images: str) -> tuple[Path, float, int]:
     """Measure the latent scale (1 / std of sampled training latents) and export in diffusers
     format, with the data split that stage 2 must repeat. Main process only."""

@@ -159,13 +159,15 @@ def micro_batches(batch: dict, micro_batch: int, run, accumulation: int) -> list
 
 
 def build_cache(run, codec, items, cache_dir: Path, resolution: int, image_key, report,
-                batch_size: int) -> None:
+                batch_size: int | None) -> None:
     """Encode every training image and its mirror once (main process), listing what failed."""
     from ..data.images import load_failures
     from ..data.latents import build_latent_cache
 
+    # the fast path: bf16, channels_last and compiled on CUDA (not with --no-compile)
     build_latent_cache(codec, items, cache_dir, resolution, image_key=image_key,
                        batch_size=batch_size, device=run.device,
+                       compile=False if getattr(run.args, "no_compile", False) else None,
                        progress=not run.args.no_progress)
     failures = load_failures()  # images that failed to decode while encoding
     if failures and report is not None and report.add_load_failures(failures):
