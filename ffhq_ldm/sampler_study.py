@@ -376,7 +376,16 @@ def _check(args) -> Path:
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     require_pipeline(args.model)
-    return Path(args.model)
+    model = Path(args.model)
+    config = model / "scheduler" / "scheduler_config.json"
+    if config.is_file():  # before torch loads: "leading" steps_offset 1 would ask for timestep T
+        import json
+
+        limit = json.loads(config.read_text()).get("num_train_timesteps", 1000)
+        if max([*args.steps, BAR_STEPS]) >= limit:
+            raise UsageError(f"--steps must be below the model's {limit} training timesteps, "
+                             f"got {max(args.steps)}")
+    return model
 
 
 def run(args) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import numpy as np
 import pytest
@@ -185,3 +186,18 @@ def test_reference_cache_is_reused_only_for_its_key(tmp_path, monkeypatch):
     assert cached and not calls and torch.equal(a2, a) and torch.equal(b2, b)
     a3, _, cached = study.load_or_compute_reference(pipe, noise, cache, "k2", 2, False)
     assert not cached and calls == [1] and torch.equal(a3, a + 1)
+
+
+def test_bad_input_is_one_error_line(tmp_path, capsys):
+    from ffhq_ldm.cli import main as cli_main
+
+    build_tiny_pipeline().save_pretrained(str(tmp_path / "pipe"))
+    for argv, words in ((["--steps", "5,1000"], "below the model's 1000 training timesteps"),
+                        (["--num", "0"], "--num must be >= 1"),
+                        (["--samplers", "ddim,ddpm"], "stochastic")):
+        with pytest.raises(SystemExit) if argv[0] == "--samplers" else nullcontext():
+            code = cli_main(["sampler-study", "--model", str(tmp_path / "pipe"), "--out",
+                             str(tmp_path / "out"), *argv])
+            assert code == 2
+        assert words in capsys.readouterr().err, argv
+    assert not (tmp_path / "out").exists()
