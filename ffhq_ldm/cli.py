@@ -8,6 +8,7 @@
     ffhq-ldm sample         --model DIR --num N --out DIR    images from an exported pipeline
     ffhq-ldm evaluate       ref|calc ...                     FID/KID, precision/recall, uniqueness
     ffhq-ldm bench          [--preset ffhq128-f4] [--json F]  speed of every stage vs a baseline
+    ffhq-ldm sampler-study  --model DIR --out DIR        each sampler's error and speed by steps
     ffhq-ldm interpolate    --model DIR --seeds A,B --out D  frames, strip, GIF between faces
     ffhq-ldm invert         --model DIR --image FILE         DDIM inversion, PSNR/LPIPS, variations
     ffhq-ldm inpaint        --model DIR --image F --mask F   fill in a masked region
@@ -175,17 +176,19 @@ def _sample(args) -> int:
     require_positive(args, "num", "steps", "batch_size")
     require_pipeline(args.model)  # before torch loads: a wrong path is reported at once
 
-    from PIL import Image
+    if args.compile and args.no_compile:
+        raise UsageError("give at most one of --compile and --no-compile")
+    import numpy as np
 
     from .runtime import cpu_dtype_warning, diffusers_progress
-    from .sampling import load_pipeline, pick_device, sample_images
-    from .speed import (
-        channels_last_wanted,
-        compile_wanted,
-        enable_tf32,
-        maybe_compile,
-        to_channels_last,
+    from .sampling import (
+        PngWriter,
+        compile_for_sampling,
+        load_pipeline,
+        pick_device,
+        sample_images,
     )
+    from .speed import channels_last_wanted, compile_wanted, enable_tf32, to_channels_last
     from .visual import save_grid
 
     device = pick_device(args.device)
@@ -199,29 +202,28 @@ def _sample(args) -> int:
     pipe.set_progress_bar_config(disable=True)
     for module in (pipe.unet, pipe.vae):
         to_channels_last(module, channels_last_wanted(device))
-    # Compiled in place on CUDA (pipe.unet keeps its type); static shapes, so every batch runs
-    # at --batch-size and a short last one is filled with the next indices' images, dropped.
-    compiled = compile_wanted(pipe.unet, False if args.no_compile else None)
-    maybe_compile(pipe.unet, enabled=compiled, mode=args.compile_mode, in_place=True)
+    # UNet and VAE decoder compiled in place on CUDA (types kept); static shapes, so every batch
+    # runs at --batch-size and a short last one is filled with the next indices' images, dropped.
+    compiled = compile_wanted(pipe.unet, True if args.compile else
+                              False if args.no_compile else None)
+    compile_for_sampling(pipe, compiled, mode=args.compile_mode)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    written = []
     desc = f"sampling ({args.sampler}, {args.steps} steps, {device}, {dtype}" + \
         (", compiled)" if compiled else ")")
-    for start, images in sample_images(pipe, args.num, seed=args.seed, steps=args.steps,
-                                       eta=args.eta, batch_size=args.batch_size,
-                                       fixed_batch=compiled, progress=not args.no_progress,
-                                       desc=desc):
-        for i, image in enumerate(images):
-            path = out / f"seed{args.seed}_{start + i:06d}.png"
-            Image.fromarray(image).save(path)
-            written.append(path)
+    first = []  # the grid's images
+    with PngWriter() as writer:  # PNGs are encoded on threads while the next batch samples
+        for start, images in sample_images(pipe, args.num, seed=args.seed, steps=args.steps,
+                                           eta=args.eta, batch_size=args.batch_size,
+                                           fixed_batch=compiled, progress=not args.no_progress,
+                                           desc=desc):
+            for i, image in enumerate(images):
+                writer.write(out / f"seed{args.seed}_{start + i:06d}.png", image)
+            first.extend(images[:max(0, 64 - len(first))])
     # Beside the folder, not in it: the folder then holds only samples (for evaluate calc).
     grid = Path(args.grid) if args.grid else out.with_name(out.name + "_grid.png")
-    import numpy as np
-
-    save_grid(np.stack([np.asarray(Image.open(p)) for p in written[:64]]), grid)
-    print(f"wrote {len(written)} images to {out}; grid: {grid}")
+    save_grid(np.stack(first), grid)
+    print(f"wrote {len(writer.written)} images to {out}; grid: {grid}")
     return 0
 
 
@@ -328,8 +330,10 @@ def _add_sample(sub) -> None:
                    help="precision: auto is bf16 on CUDA, fp32 elsewhere (the VAE decodes in "
                         "fp32 unless bf16)")
     p.add_argument("--no-compile", action="store_true",
-                   help="do not torch.compile the UNet (compiled by default on CUDA only; "
-                        "FFHQ_LDM_COMPILE=0/1 also decides)")
+                   help="do not torch.compile the UNet and the VAE decoder (compiled by default "
+                        "on CUDA only; FFHQ_LDM_COMPILE=0/1 also decides)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet and the VAE decoder on any device (a CPU too)")
     p.add_argument("--compile-mode", default=None,
                    help="torch.compile mode; reduce-overhead replays the UNet as CUDA graphs "
                         "(+3%% at batch 256 in the reference figures of docs/design.md)")
@@ -358,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import register as register_bench  # argparse only: torch loads when it runs
 
     register_bench(sub)
+    from .sampler_study import register as register_sampler_study  # argparse only at import
+
+    register_sampler_study(sub)
     from .posthoc import register as register_ema  # argparse only: torch loads when it runs
 
     register_ema(sub)

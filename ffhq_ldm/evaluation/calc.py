@@ -37,7 +37,6 @@ from .images import (
     list_images,
     load_images,
     relative_names,
-    save_images,
 )
 from .metrics import fid_features_vs_stats, kid, precision_recall
 from .reference import load_reference, select_subset
@@ -53,12 +52,15 @@ def generate_samples(
     arrays + names.
 
     Draws through ``ffhq_ldm.sampling.sample_images``, as ``ffhq-ldm sample`` does: image ``i`` of
-    ``seed`` is the same image there and here, whatever the batch size.
+    ``seed`` is the same image there and here, whatever the batch size. On CUDA the VAE decoder
+    is compiled (``FFHQ_LDM_COMPILE=0/1`` decides otherwise); PNGs are written on background
+    threads while the next batch samples.
     """
     from PIL import Image
 
     from ffhq_ldm.cli_common import UsageError
-    from ffhq_ldm.sampling import load_pipeline, sample_images
+    from ffhq_ldm.sampling import PngWriter, load_pipeline, sample_images
+    from ffhq_ldm.speed import compile_wanted, maybe_compile
 
     if num < 1 or steps < 1:
         raise EvaluationError("--num and --steps must be positive")
@@ -67,15 +69,22 @@ def generate_samples(
     except (UsageError, OSError, ValueError) as exc:
         raise EvaluationError(f"cannot load pipeline {model!r}: {exc}") from exc
     pipe.set_progress_bar_config(disable=True)
-    chunks = []
-    for _, u8 in sample_images(pipe, num, seed=seed, steps=steps, batch_size=batch_size,
-                               desc=f"sampling ({sampler}, {steps} steps)"):
-        if u8.shape[1] != resolution or u8.shape[2] != resolution:
-            u8 = np.stack([center_crop_resize(Image.fromarray(a), resolution) for a in u8])
-        chunks.append(u8)
-    images = np.concatenate(chunks)
-    paths = save_images(images, str(Path(out_dir) / "samples"))
-    return images, relative_names(paths, out_dir)
+    compiled = compile_wanted(pipe.unet, None)  # static shapes: every batch at batch_size
+    maybe_compile(pipe.vae.decoder, enabled=compiled, in_place=True)
+    folder = Path(out_dir) / "samples"
+    folder.mkdir(parents=True, exist_ok=True)
+    chunks, paths = [], []
+    with PngWriter() as writer:
+        for start, u8 in sample_images(pipe, num, seed=seed, steps=steps, batch_size=batch_size,
+                                       fixed_batch=compiled,
+                                       desc=f"sampling ({sampler}, {steps} steps)"):
+            if u8.shape[1] != resolution or u8.shape[2] != resolution:
+                u8 = np.stack([center_crop_resize(Image.fromarray(a), resolution) for a in u8])
+            chunks.append(u8)
+            for i, image in enumerate(u8):  # the names save_images gives
+                paths.append(str(folder / f"sample_{start + i:06d}.png"))
+                writer.write(paths[-1], image)
+    return np.concatenate(chunks), relative_names(paths, out_dir)
 
 
 def build_lpips(kind: str, trunk_path: str | None = None):
