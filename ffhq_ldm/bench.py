@@ -664,9 +664,10 @@ def plan(args, device) -> list[Job]:
     vae_compile = compile_ and "compile" in inspect.signature(stage1.build).parameters
     sizes, vae_batch = args.batch_size, args.vae_batch_size
     small, large = sizes[0], sizes[-1]
-    jobs = [Job("train-unet", True, compile_, large, profile=True),
-            Job("train-unet", True, compile_, small, memory_cap=device.type == "cuda",
-                profile=small == large),
+    cuda = device.type == "cuda"
+    jobs = [Job("train-unet", True, compile_, large, profile=True,
+                memory_cap=cuda and small == large),
+            Job("train-unet", True, compile_, small, memory_cap=cuda),
             Job("encode", True, False, large),
             Job("sample", True, compile_, large),
             Job("train-vae", False, False, vae_batch),

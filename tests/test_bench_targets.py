@@ -109,6 +109,8 @@ def test_on_cuda_the_rows_the_targets_read_come_first_and_are_all_planned(monkey
                      ("encode", True, False, 256), ("sample", True, True, 256),
                      ("train-vae", False, False, 32), ("train-vae", True, True, 32)]
     assert [j.memory_cap for j in jobs] == [j == jobs[1] for j in jobs]
+    one = bench.plan(_args(batch_size=[64]), torch.device("cuda"))
+    assert one[0].memory_cap and one[0].profile and one[0].batch == 64
     assert jobs[0].profile
     # every target reads a planned row, before any row no target reads
     results = [_as_result(j) for j in jobs if j.task != "attention"]
