@@ -1,21 +1,26 @@
-"""``ffhq-ldm bench``: how fast each stage runs here, against the plain fp32 eager baseline.
+"""``ffhq-ldm bench``: how fast each stage runs here, against the plain fp32 eager baseline
+and the project's speed targets.
 
-    ffhq-ldm bench --preset ffhq128-f4 --batch-size 64,256 --json bench.json   # 1 GPU, ~5-7 min
+    ffhq-ldm bench --preset ffhq128-f4 --batch-size 64,256 --json bench.json   # 1 GPU
     ffhq-ldm bench --preset tiny --device cpu                                  # CPU smoke run
 
 Measures, with random weights and random data of the preset's shapes (speed does not depend
-on what the weights are):
-- train-unet  one UNet optimizer step from an in-memory latent cache: DiffusionLoss, grad
-              clipping, AdamW, EMA (what training/train_unet.py does per step)
-- train-vae   one autoencoder step with the full loss: L1 + LPIPS-VGG + KL, PatchGAN with the
-              adaptive weight (forced active), and the discriminator's step
-- encode      posterior mean and std of a batch of images (the latent-cache builder's work)
-- sample      FaceLDMPipeline: DDIM-50 and VAE decode, per image
+on what the weights are), through the code the commands run:
+- train-unet  the trainer's UNetTrainStep (stage2.build): DiffusionLoss, clipping, fused AdamW,
+              LR schedule, EMA, non-finite guard, from an in-memory latent cache
+- train-vae   the trainer's AutoencoderTrainStep (stage1.build): L1 + LPIPS-VGG + KL, PatchGAN
+              with the adaptive weight (forced active), and the discriminator's step
+- encode      the latent cache builder (stage2.build_cache) on in-memory images
+- sample      `ffhq-ldm sample`'s road: sampling.load_pipeline and sampling.sample_images
 Each in the plain way (fp32, eager, contiguous, torch.optim defaults: diffusers' example
-training defaults) and the fast way of ffhq_ldm.speed (bf16, channels_last, fused AdamW, and
-torch.compile on CUDA). Every timing runs after warm-up, between device synchronisations.
-FLOPs per image are counted (torch.utils.flop_counter) at batch 1, so each result also says
-which fraction of the device's measured matmul peak it reaches.
+training defaults) and the fast way (bf16, channels_last, fused AdamW, and torch.compile on
+CUDA), the rows the targets read first. Every timing runs after warm-up, between device
+synchronisations. FLOPs per image are counted (torch.utils.flop_counter) at batch 1, so each
+result also says which fraction of the device's measured matmul peak it reaches. On CUDA also:
+peak memory after warm-up (the batch-64 UNet row under a 24 GiB allocator cap, with the
+trainer's VAE and a full-size latent cache on the device, plus the CUDA context), the SDPA
+backend of the UNet's attention, and a profiler top-10 of the UNet step. Each target gets
+pass or fail (n/a on a CPU); the JSON and a markdown copy are rewritten after each row.
 """
 
 from __future__ import annotations
@@ -38,9 +43,6 @@ from .cli_common import DefaultsHelpFormatter
 from .sampling import SAMPLERS
 
 TASKS = ("train-unet", "train-vae", "encode", "sample")
-# Compiled at the largest batch, in this order (the budget may cut the last one): the training
-# step and sampling matter most for a run's wall time. The VAE step is not compiled (see train_vae).
-COMPILED_TASKS = ("train-unet", "sample", "encode")
 
 # The project's reference measurements (docs/design.md, "Reference speed"): one H200, bf16
 # matmul peak measured at 799 TFLOP/s, paper preset.
@@ -742,8 +744,8 @@ def _measure(bench: Bench, job: Job) -> dict:
                 return getattr(bench, "measure_" + job.task)(job)
             return _measure_step(bench, job)
     finally:
-        if job.compiled:
-            torch._dynamo.reset()  # drop the compiled graphs and the memory they hold
+        # drop the compiled graphs and the memory they hold (the cache builder may compile too)
+        torch._dynamo.reset()
         _reset_memory(bench.device)
 
 

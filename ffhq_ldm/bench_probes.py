@@ -22,6 +22,8 @@ SDPA_OPS = {
     "aten::_scaled_dot_product_cudnn_attention": "CUDNN_ATTENTION",
     "aten::_scaled_dot_product_attention_math": "MATH",
 }
+# Words in the names of attention kernels (flash, cuDNN's and the memory-efficient ones)
+ATTENTION_WORDS = ("attention", "attn", "fmha", "flash", "sdpa")
 BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
 
 
@@ -171,9 +173,13 @@ def profile_top(step, device, steps: int = 3, top: int = 10) -> dict:
     events = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0]
     total = sum(getattr(e, attr) for e in events) or 1.0
     ranked = sorted(events, key=lambda e: getattr(e, attr), reverse=True)[:top]
+    attention = [e.key for e in ranked if any(k in e.key.lower() for k in ATTENTION_WORDS)]
+    attention += [e.key for e in sorted(events, key=lambda e: getattr(e, attr), reverse=True)
+                  if any(k in e.key.lower() for k in ATTENTION_WORDS) and e.key not in attention]
     return {"by": "self device time" if cuda else "self CPU time", "steps": steps,
             "total_ms_per_step": total / 1e3 / steps,
             "sdpa_kernels": sdpa_ops_in(prof.key_averages()),
+            "attention_kernels": attention[:6],
             "top": [{"name": e.key, "ms_per_step": getattr(e, attr) / 1e3 / steps,
                      "share": getattr(e, attr) / total, "calls_per_step": e.count / steps}
                     for e in ranked]}
@@ -185,6 +191,9 @@ def format_profile(profile: dict) -> str:
     for e in profile["top"]:
         lines.append(f"  {e['ms_per_step']:9.3f} ms {100 * e['share']:5.1f}% "
                      f"{e['calls_per_step']:7.1f}x  {e['name'][:90]}")
+    lines.append("  SDPA ops: " + (", ".join(profile["sdpa_kernels"]) or "none seen")
+                 + "; attention kernels: "
+                 + (", ".join(k[:60] for k in profile["attention_kernels"]) or "none seen"))
     return "\n".join(lines)
 
 
