@@ -175,3 +175,31 @@ def test_a_row_that_raises_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch
     results = json.loads(out.read_text())["results"]
     assert results[0]["error"] == "RuntimeError: compile failed"
     assert len(results) == 3 and all(r["images_per_s"] > 0 for r in results[1:])
+
+
+def _bench(*argv):
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--preset", "tiny", "--device", "cpu", *argv])
+    return bench.Bench(args, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("per_image,want", [
+    (0.01, 2 / 0.01),  # each image and its mirror at 10 ms per image; the 1 s start-up drops out
+    (0.0, 2 * 48 / 1.0),  # no difference between the builds: the whole build's rate instead
+])
+def test_the_encode_rate_is_the_difference_of_two_cache_builds(monkeypatch, per_image, want):
+    from ffhq_ldm.train import stage2
+
+    clock, sizes = [0.0], []
+
+    def build_cache(run, codec, items, folder, resolution, image_key, report, batch_size):
+        sizes.append(len(items))
+        clock[0] += 1.0 + per_image * len(items)
+    monkeypatch.setattr(stage2, "build_cache", build_cache)
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    result = _bench("--steps", "4", "--warmup", "2").measure_encode(
+        bench.Job("encode", True, False, 8))
+    assert sizes == [16, 16, 48]  # warm-up, warmup shards, warmup + steps shards of 8
+    assert result["images_per_s"] == pytest.approx(want)
+    assert result["whole_build_images_per_s"] == pytest.approx(2 * 48 / (1.0 + per_image * 48))
