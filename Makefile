@@ -69,7 +69,7 @@ gpu-wheels: install
 	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
 		--implementation cp --platform manylinux2014_x86_64 -d .whl \
 		diffusers==$$($(BIN)/python -c "import diffusers; print(diffusers.__version__)") \
-		importlib_metadata
+		importlib_metadata lpips
 
 clean:
 	rm -rf $(VENV) runs

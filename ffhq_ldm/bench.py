@@ -1,24 +1,26 @@
-"""``ffhq-ldm bench``: how fast each stage runs here, against the plain fp32 eager baseline.
+"""``ffhq-ldm bench``: how fast each stage runs here, against the plain fp32 eager baseline
+and the project's speed targets.
 
-    ffhq-ldm bench --preset ffhq128-f4 --batch-size 64,256 --json bench.json   # 1 GPU, ~5-7 min
+    ffhq-ldm bench --preset ffhq128-f4 --batch-size 64,256 --json bench.json   # 1 GPU
     ffhq-ldm bench --preset tiny --device cpu                                  # CPU smoke run
 
 Measures, with random weights and random data of the preset's shapes (speed does not depend
-on what the weights are):
-- train-unet  one UNet optimizer step from an in-memory latent cache: DiffusionLoss, grad
-              clipping, AdamW, EMA (what training/train_unet.py does per step)
-- train-vae   one autoencoder step with the full loss: L1 + LPIPS-VGG + KL, PatchGAN with the
-              adaptive weight (forced active), and the discriminator's step
-- train-vae-ldm  the same step with the adaptive weight computed as LDM's code does (two
-              autograd.grad calls through LPIPS and PatchGAN, then the full backward), eager:
-              what train-vae's single pass saves
-- encode      posterior mean and std of a batch of images (the latent-cache builder's work)
-- sample      FaceLDMPipeline: DDIM-50 and VAE decode, per image
+on what the weights are), through the code the commands run:
+- train-unet  the trainer's UNetTrainStep (stage2.build): DiffusionLoss, clipping, fused AdamW,
+              LR schedule, EMA, non-finite guard, from an in-memory latent cache
+- train-vae   the trainer's AutoencoderTrainStep (stage1.build): L1 + LPIPS-VGG + KL, PatchGAN
+              with the adaptive weight (forced active), and the discriminator's step
+- encode      the latent cache builder (stage2.build_cache) on in-memory images
+- sample      `ffhq-ldm sample`'s road: sampling.load_pipeline and sampling.sample_images
 Each in the plain way (fp32, eager, contiguous, torch.optim defaults: diffusers' example
-training defaults) and the fast way of ffhq_ldm.speed (bf16, channels_last, fused AdamW, and
-torch.compile on CUDA). Every timing runs after warm-up, between device synchronisations.
-FLOPs per image are counted (torch.utils.flop_counter) at batch 1, so each result also says
-which fraction of the device's measured matmul peak it reaches.
+training defaults) and the fast way (bf16, channels_last, fused AdamW, and torch.compile on
+CUDA), the rows the targets read first. Every timing runs after warm-up, between device
+synchronisations. FLOPs per image are counted (torch.utils.flop_counter) at batch 1, so each
+result also says which fraction of the device's measured matmul peak it reaches. On CUDA also:
+peak memory after warm-up (the batch-64 UNet row under a 24 GiB allocator cap, with the
+trainer's VAE and a full-size latent cache on the device, plus the CUDA context), the SDPA
+backend of the UNet's attention, and a profiler top-10 of the UNet step. Each target gets
+pass or fail (n/a on a CPU); the JSON and a markdown copy are rewritten after each row.
 """
 
 from __future__ import annotations
@@ -32,14 +34,15 @@ import math
 import platform
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from .bench_probes import FFHQ_IMAGES
+from .bench_targets import GIB, MEMORY_CAP_GIB
 from .cli_common import DefaultsHelpFormatter
+from .sampling import SAMPLERS
 
-TASKS = ("train-unet", "train-vae", "train-vae-ldm", "encode", "sample")
-# Compiled at the largest batch (the autoencoder step at --vae-batch-size), in this order (the
-# budget may cut the last one): the training steps and sampling matter most for a run's wall time.
-COMPILED_TASKS = ("train-unet", "train-vae", "sample", "encode")
+TASKS = ("train-unet", "train-vae", "encode", "sample")
 
 # The project's reference measurements (docs/design.md, "Reference speed"): one H200, bf16
 # matmul peak measured at 799 TFLOP/s, paper preset.
@@ -100,7 +103,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=3,
                         help="untimed iterations first (compilation happens here; sampling "
                              "warms up with one call if this is > 0)")
-    parser.add_argument("--sample-steps", type=int, default=50, help="DDIM steps per sample")
+    parser.add_argument("--sampler", default="ddim", choices=SAMPLERS,
+                        help="sampler of the fast sampling rows (the baseline is DDIM-50, the "
+                             "paper's default); --sampler and --sample-steps are the setting "
+                             "the sampling target is read at")
+    parser.add_argument("--sample-steps", type=int, default=50,
+                        help="denoising steps per sample in the fast sampling rows")
     parser.add_argument("--no-compile", action="store_true",
                         help="skip the torch.compile measurements (they run on CUDA only)")
     parser.add_argument("--compile-mode", default="default",
@@ -113,10 +121,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-minutes", type=float, default=6.0,
                         help="start no new measurement after this many minutes (what ran is "
                              "reported, the rest marked skipped); 0: no limit")
+    parser.add_argument("--memory-cap-gib", type=float, default=MEMORY_CAP_GIB,
+                        help="CUDA: the batch-64 UNet row runs with PyTorch's allocator capped "
+                             "at this much of the device (torch.cuda."
+                             "set_per_process_memory_fraction), as on a card that size")
+    parser.add_argument("--cache-images", type=int, default=FFHQ_IMAGES,
+                        help="CUDA: images in the latent cache the capped row keeps on the "
+                             "device, as train_unet.py does (each with its mirror)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and data")
     parser.add_argument("--json", default=None, metavar="FILE",
-                        help="write every number, the device and the versions here (rewritten "
-                             "after each measurement, so a cut-off run keeps what it measured)")
+                        help="write every number, the device and the versions here, and the "
+                             "tables as markdown beside it (FILE with .md): both rewritten "
+                             "after each row, so a cut-off run keeps what it measured")
 
 
 def register(subparsers) -> None:
@@ -354,7 +370,8 @@ class Bench:
         return LatentCache(mean, std, scaling_factor=1.0).to(self.device)
 
     # -- tasks ---------------------------------------------------------------------------------
-    def train_unet(self, fast: bool, compiled: bool, batch: int):
+    def train_unet(self, fast: bool, compiled: bool, batch: int, cache=None):
+        """One UNet optimizer step from ``cache`` (default: a small random one)."""
         import torch
 
         from .losses.diffusion import DiffusionLoss, draw_global_batch
@@ -363,7 +380,7 @@ class Bench:
         from .train.ema import EMA
 
         cfg, device = self.unet_config, self.device
-        cache = self.latent_cache(max(1024, 4 * batch))
+        cache = cache if cache is not None else self.latent_cache(max(1024, 4 * batch))
         counter = itertools.count()
 
         def draw():
@@ -402,76 +419,142 @@ class Bench:
             loss.item()  # diffusers' example logs the loss every step: one sync per step
         return step, batch
 
-    def _vae_step(self, fast: bool, compiled: bool = False, ldm_reference: bool = False):
+    def _vae_step(self, fast: bool, compiled: bool = False):
         """The trainer's own stage-1 step (stage1.build: the autoencoder's and the
         discriminator's updates, adaptive weight, guard, clipping, fused Adam), in bf16
-        autocast when ``fast``, else fp32; ``ldm_reference``: LDM's adaptive weight."""
+        autocast when ``fast``, else fp32; compiled through stage1.build's own switch."""
         import torch
 
         from .train import stage1
 
         self.seed()
+        switch = {"compile": True} if compiled else {}
         return stage1.build(None, self.vae_config, device=self.device,
                             autocast_dtype=torch.bfloat16 if fast else None,
-                            perceptual=self.build_perceptual(), compile=compiled,
-                            compile_mode=self.args.compile_mode,
-                            ldm_reference=ldm_reference).step
+                            perceptual=self.build_perceptual(), **switch).step
 
-    def train_vae(self, fast: bool, compiled: bool, batch: int, ldm_reference: bool = False):
-        step = self._vae_step(fast, compiled, ldm_reference)
+    def train_vae(self, fast: bool, compiled: bool, batch: int):
+        step = self._vae_step(fast, compiled)
         x = self.images(batch)
         # the discriminator forced active: the step as it runs for most of a real run
         return (lambda: step(x, self.vae_config.disc_start)), batch
 
-    def train_vae_ldm(self, fast: bool, compiled: bool, batch: int):
-        return self.train_vae(fast, False, batch, ldm_reference=True)
+    def measure_encode(self, job) -> dict:
+        """The latent cache builder itself on ``job.batch``-image shards of in-memory images.
 
-    def encode(self, fast: bool, compiled: bool, batch: int):
-        import torch
+        Fast: ``stage2.build_cache`` as train_unet.py calls it (its own precision, layout,
+        compilation and workers). Baseline: ``build_latent_cache`` in fp32 with no workers.
+        Each image is encoded with its mirror; both count. The rate is the difference of two
+        builds (``warmup`` + ``steps`` shards and ``warmup`` shards, after one warm-up build),
+        so the per-call start-up (manifest, DataLoader, compilation if it recurs) drops out.
+        """
+        import tempfile
 
-        from .speed import autocast, maybe_compile, to_channels_last
+        from .data.latents import build_latent_cache
+        from .models.vae import LatentCodec
+        from .train import stage2
 
-        vae = self.build_vae().eval().requires_grad_(False)
-        encoder = _encoder(vae)
-        if fast:
-            to_channels_last(vae)
-            encoder = maybe_compile(encoder, enabled=compiled, mode=self.args.compile_mode)
-        x = self.images(batch)
-        dtype = torch.bfloat16 if fast else None
+        args, device, batch = self.args, self.device, job.batch
+        codec = LatentCodec(self.build_vae().eval().requires_grad_(False))
+        small = max(1, args.warmup) * batch
+        items = self.pil_rows(small + args.steps * batch)
 
-        @torch.no_grad()
-        def step():
-            with autocast(self.device, dtype):
-                encoder(x)
-        return step, batch
+        def build(n: int, folder: Path) -> float:
+            _sync(device)
+            start = time.perf_counter()
+            if job.fast:
+                stage2.build_cache(_CacheRun(device), codec, items[:n], folder, self.resolution,
+                                   "image", None, batch)
+            else:
+                build_latent_cache(codec, items[:n], folder, self.resolution, image_key="image",
+                                   batch_size=batch, num_workers=0, device=device,
+                                   progress=False)
+            _sync(device)
+            return time.perf_counter() - start
 
-    def sample(self, fast: bool, compiled: bool, batch: int):
-        import torch
+        with tempfile.TemporaryDirectory(prefix="bench-cache-") as tmp:
+            build(small, Path(tmp) / "warm")
+            t_small = build(small, Path(tmp) / "small")
+            t_big = build(len(items), Path(tmp) / "big")
+        # per shard of `batch` images; a difference lost in timing noise (a loaded host, one
+        # shard) would give any rate, so then the whole build's rate stands instead
+        if t_big - t_small > 0.2 * t_big:
+            seconds, rate_from = (t_big - t_small) / args.steps, "difference of two builds"
+        else:
+            seconds = t_big / (len(items) // batch)
+            rate_from = "whole build (the two builds' difference was within timing noise)"
+        return {"images_per_s": 2 * batch / seconds, "seconds_per_iteration": seconds,
+                "timed_iterations": args.steps, "warmup_iterations": max(1, args.warmup),
+                "whole_build_images_per_s": 2 * len(items) / t_big, "rate_from": rate_from,
+                "counts": "encoded images: each image and its mirror", "peak_memory_gib": None}
+
+    def pil_rows(self, n: int) -> list[dict]:
+        """``n`` rows of a data set held in memory ({"image": PIL image}), 64 distinct ones."""
+        import numpy as np
+        from PIL import Image
+
+        rng = np.random.default_rng(self.args.seed)
+        size = (self.resolution, self.resolution, 3)
+        distinct = [Image.fromarray(rng.integers(0, 256, size, dtype=np.uint8))
+                    for _ in range(min(n, 64))]
+        return [{"image": distinct[i % len(distinct)]} for i in range(n)]
+
+    def pipeline_folder(self) -> Path:
+        """An exported pipeline of the preset's random-weight models, written once per run."""
+        import tempfile
 
         from pipelines.pipeline_face_ldm import FaceLDMPipeline
 
         from .models.unet import build_sample_scheduler
-        from .speed import maybe_compile, to_channels_last
+        from .train.export import export_pipeline
 
-        unet = self.build_unet().eval().requires_grad_(False)
-        vae = self.build_vae().eval().requires_grad_(False)
-        if fast:
-            # bf16 weights, as `ffhq-ldm sample --dtype bf16` loads them (no autocast needed).
-            # diffusers warns on every such cast that no module must stay fp32 here: silenced.
+        if getattr(self, "_pipeline_dir", None) is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="bench-pipeline-")
+            pipe = FaceLDMPipeline(vae=self.build_vae().cpu().eval(),
+                                   unet=self.build_unet().cpu().eval(),
+                                   scheduler=build_sample_scheduler(self.unet_config))
             with _diffusers_quiet():
-                for module in (unet, vae):
-                    to_channels_last(module.to(torch.bfloat16))
-            # in place: the pipeline keeps a plain UNet2DModel (type, config, dtype unchanged).
-            # Only the UNet: it runs 50 times per image, the decoder once.
-            maybe_compile(unet, enabled=compiled, mode=self.args.compile_mode, in_place=True)
-        scheduler = build_sample_scheduler(self.unet_config)
-        pipe = FaceLDMPipeline(vae=vae, unet=unet, scheduler=scheduler)
-        pipe.set_progress_bar_config(disable=True)
+                self._pipeline_dir = export_pipeline(pipe, Path(self._tmp.name) / "pipeline")
+        return self._pipeline_dir
 
-        def step():
-            # "pt" keeps the images on the device: the host-side PNG conversion is not timed
-            pipe(batch_size=batch, num_inference_steps=self.args.sample_steps, output_type="pt")
-        return step, batch
+    def measure_sample(self, job) -> dict:
+        """`ffhq-ldm sample`'s road: ``sampling.load_pipeline`` (bf16 when fast, fp32 for the
+        baseline) set up as the command sets it up (channels_last, the UNet compiled in place
+        with static shapes), then ``sampling.sample_images``, whose output is the uint8 arrays
+        the command writes (PNG writing not timed). Baseline: DDIM-50, the paper's default."""
+        from .runtime import diffusers_progress
+        from .sampling import load_pipeline, sample_images
+        from .speed import channels_last_wanted, maybe_compile, to_channels_last
+
+        args, device = self.args, self.device
+        sampler, steps = (args.sampler, args.sample_steps) if job.fast else ("ddim", 50)
+        with _diffusers_quiet(), diffusers_progress(False):
+            pipe = load_pipeline(str(self.pipeline_folder()), sampler,
+                                 "bf16" if job.fast else "fp32", device)
+        pipe.set_progress_bar_config(disable=True)
+        for module in (pipe.unet, pipe.vae):
+            to_channels_last(module, job.fast and channels_last_wanted(device))
+        maybe_compile(pipe.unet, enabled=job.compiled, mode=args.compile_mode, in_place=True)
+        decode_compiled = False  # wire here sampling's decode-compile switch, as `sample` sets it
+        calls = max(1, args.steps // 10)
+
+        def draw(num: int) -> None:
+            for _ in sample_images(pipe, num, seed=args.seed, steps=steps, eta=0.0,
+                                   batch_size=job.batch, fixed_batch=job.compiled,
+                                   progress=False):
+                pass
+        if args.warmup > 0:
+            draw(job.batch)
+        _sync(device)
+        start = time.perf_counter()
+        draw(calls * job.batch)
+        _sync(device)
+        seconds = (time.perf_counter() - start) / calls
+        return {"images_per_s": job.batch / seconds, "seconds_per_iteration": seconds,
+                "timed_iterations": calls, "warmup_iterations": int(args.warmup > 0),
+                "sampler": sampler, "sample_steps": steps,
+                "unet_calls": len(pipe.scheduler.timesteps), "decode_compiled": decode_compiled,
+                "peak_memory_gib": None}
 
     # -- FLOPs ---------------------------------------------------------------------------------
     def flops(self, tasks) -> dict:
@@ -495,14 +578,11 @@ class Bench:
             out["unet_forward"] = fwd / 1e9
             out["unet_train_step"] = (fwd + bwd) / 1e9
             del unet, held
-        if {"train-vae", "train-vae-ldm", "encode", "sample"} & set(tasks):
-            for task, key in (("train-vae", "vae_train_step"),
-                              ("train-vae-ldm", "vae_train_step_ldm")):
-                if task in tasks:
-                    step = self._vae_step(fast=False, ldm_reference=task == "train-vae-ldm")
-                    x = self.images(1)
-                    out[key] = count_flops(
-                        lambda s=step, x=x: s(x, self.vae_config.disc_start)) / 1e9
+        if {"train-vae", "encode", "sample"} & set(tasks):
+            if "train-vae" in tasks:
+                step, x = self._vae_step(fast=False), self.images(1)
+                out["vae_train_step"] = count_flops(
+                    lambda: step(x, self.vae_config.disc_start)) / 1e9
             vae = self.build_vae().eval()
             with torch.no_grad():
                 x = self.images(1)
@@ -537,60 +617,166 @@ def _encoder(vae):
 # ---------------------------------------------------------------------------------------------
 # The run
 
-FLOPS_KEY = {"train-unet": "unet_train_step", "train-vae": "vae_train_step",
-             "train-vae-ldm": "vae_train_step_ldm", "encode": "encode", "sample": "sample"}
+FLOPS_KEY = {"train-unet": "unet_train_step", "train-vae": "vae_train_step", "encode": "encode",
+             "sample": "sample"}
+
+
+class _CacheRun:
+    """What ``stage2.build_cache`` reads of a training run: the device, the main process,
+    ``--no-progress`` and where a scan report would go (none here)."""
+
+    main = True
+
+    def __init__(self, device):
+        self.device = device
+        self.args = argparse.Namespace(no_progress=True)
+
+    def write_scan_report(self, report) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class Job:
+    """One row: a task run one way at one batch size."""
+    task: str
+    fast: bool
+    compiled: bool
+    batch: int
+    memory_cap: bool = False  # CUDA: the allocator capped, the trainer's residents held
+    profile: bool = False  # a profiler top-10 after the timing
 
 
 def variant_name(task: str, fast: bool, compiled: bool) -> str:
     if not fast:
         return "fp32 eager"
+    if task == "encode":
+        return "cache builder"  # whatever stage2.build_cache does on this device
     name = "bf16+CL+fused" if task.startswith("train") else "bf16+CL"
     return name + ("+compile" if compiled else "")
 
 
-def plan(args, device) -> list[tuple[str, bool, bool, int]]:
-    """(task, fast, compiled, batch) in run order: every eager measurement before any compiled one.
+def plan(args, device) -> list[Job]:
+    """The rows in run order, most important first: what the targets read (the compiled UNet
+    step at the largest batch, then at the smallest under the memory cap, the cache builder,
+    sampling, the autoencoder step fp32 and compiled), then the other rows and baselines.
 
-    Compilation is the slow, uncertain part; if it runs long, the eager numbers are already in.
-    Static shapes mean one compilation per batch size, so only the largest batch is compiled.
+    A run cut short by ``--max-minutes`` or a timeout has the target rows. Compilation runs
+    on CUDA only (``--no-compile`` to skip it); static shapes: one compilation per row.
     """
-    jobs = []
-    for task in args.only:
-        sizes = [args.vae_batch_size] if task.startswith("train-vae") else args.batch_size
-        jobs.append((task, False, False, sizes[0]))
-        jobs += [(task, True, False, b) for b in sizes]
-    if device.type == "cuda" and not args.no_compile:
-        jobs += [(t, True, True, args.vae_batch_size if t == "train-vae" else args.batch_size[-1])
-                 for t in COMPILED_TASKS if t in args.only]
-    return jobs
+    import inspect
+
+    from .train import stage1
+
+    compile_ = device.type == "cuda" and not args.no_compile
+    # stage1.build compiles the autoencoder step when it has the switch (train_vae.py's)
+    vae_compile = compile_ and "compile" in inspect.signature(stage1.build).parameters
+    sizes, vae_batch = args.batch_size, args.vae_batch_size
+    small, large = sizes[0], sizes[-1]
+    cuda = device.type == "cuda"
+    jobs = [Job("train-unet", True, compile_, large, profile=True,
+                memory_cap=cuda and small == large),
+            Job("train-unet", True, compile_, small, memory_cap=cuda),
+            Job("encode", True, False, large),
+            Job("sample", True, compile_, large),
+            Job("train-vae", False, False, vae_batch),
+            Job("train-vae", True, vae_compile, vae_batch),
+            Job("attention", True, False, small)]  # which SDPA kernel: not timed
+    if compile_:  # the same without compilation
+        jobs += [Job("train-unet", True, False, b) for b in reversed(sizes)]
+        jobs.append(Job("train-vae", True, False, vae_batch))
+    jobs += [Job("train-unet", False, False, small), Job("encode", False, False, small),
+             Job("sample", False, False, small)]
+    seen, out = set(), []
+    for job in jobs:
+        key = (job.task, job.fast, job.compiled, job.batch)
+        wanted = "train-unet" if job.task == "attention" else job.task
+        if wanted in args.only and key not in seen:
+            seen.add(key)
+            out.append(job)
+    return out
 
 
-SYNC_KEYS = {"train-unet": "host_syncs_per_step", "sample": "host_syncs_per_call"}
+SYNC_KEYS = {"train-unet": "host_syncs_per_step"}
 
 
-def _measure(bench: Bench, task: str, fast: bool, compiled: bool, batch: int) -> dict:
-    import torch
+def _measure_step(bench: Bench, job: Job) -> dict:
+    """A training row: warm-up, then the peak-memory window (CUDA), the timed steps, the host
+    syncs of one step and, if asked, a profile."""
+    from .bench_probes import read_peak_window, start_peak_window, trainer_residents
 
     args, device = bench.args, bench.device
-    if task == "sample":
-        warmup, iters = (1 if args.warmup > 0 else 0), max(1, args.steps // 10)
-    else:
-        warmup, iters = args.warmup, args.steps
-    scope = _fast_math() if fast else contextlib.nullcontext()
-    with scope:
-        _reset_memory(device)
-        step, images = getattr(bench, task.replace("-", "_"))(fast, compiled, batch)
-        seconds = time_per_iteration(step, warmup, iters, device)
-        peak = _peak_memory_gib(device)
-        # per training step, or per pipeline call (all its denoising steps and the decode)
-        syncs = count_host_syncs(step, device) if task in ("train-unet", "sample") else None
-    del step
-    if compiled:
-        torch._dynamo.reset()  # drop the compiled graphs and the memory they hold
-    _reset_memory(device)
-    return {"images_per_s": images / seconds, "seconds_per_iteration": seconds,
-            "timed_iterations": iters, "warmup_iterations": warmup, "peak_memory_gib": peak,
-            **({} if syncs is None else {SYNC_KEYS[task]: syncs})}
+    cuda = device.type == "cuda"
+    residents = None
+    if job.memory_cap:  # what train_unet.py keeps beside the step: the VAE and the whole cache
+        residents = trainer_residents(bench.vae_config, bench.latent_shape, device,
+                                      args.cache_images)
+    extra = {"cache": residents[1]} if residents else {}
+    step, images = getattr(bench, job.task.replace("-", "_"))(job.fast, job.compiled, job.batch,
+                                                              **extra)
+    for _ in range(args.warmup):  # compilation happens here
+        step()
+    outside = start_peak_window(device) if cuda else 0
+    seconds = time_per_iteration(step, 0, args.steps, device)
+    out = {"images_per_s": images / seconds, "seconds_per_iteration": seconds,
+           "timed_iterations": args.steps, "warmup_iterations": args.warmup,
+           **(read_peak_window(device, outside) if cuda else {"peak_memory_gib": None})}
+    if residents:
+        out["residents"] = {"latent_cache_entries": len(residents[1]),
+                            "latent_cache_gib": 2 * residents[1].mean.nbytes / GIB,
+                            "vae": "fp32", "cap_gib": args.memory_cap_gib}
+    if job.task in SYNC_KEYS:
+        syncs = count_host_syncs(step, device)
+        if syncs is not None:
+            out[SYNC_KEYS[job.task]] = syncs
+    if job.profile:
+        from .bench_probes import profile_top
+
+        out["profile"] = profile_top(step, device)
+    return out
+
+
+def _measure(bench: Bench, job: Job) -> dict:
+    import torch
+
+    from .bench_probes import memory_cap
+
+    scope = _fast_math() if job.fast else contextlib.nullcontext()
+    cap = (memory_cap(bench.device, bench.args.memory_cap_gib) if job.memory_cap
+           else contextlib.nullcontext())
+    try:
+        with scope, cap:
+            _reset_memory(bench.device)
+            if job.task in ("encode", "sample"):
+                return getattr(bench, "measure_" + job.task)(job)
+            return _measure_step(bench, job)
+    finally:
+        # drop the compiled graphs and the memory they hold (the cache builder may compile too)
+        torch._dynamo.reset()
+        _reset_memory(bench.device)
+
+
+def _attention(bench: Bench) -> dict:
+    """The SDPA backends for the UNet's attention at the smallest batch, forward and
+    backward in the trainer's precision and layout (bf16 autocast, channels_last on CUDA)."""
+    import torch
+
+    from .bench_probes import probe_attention
+    from .speed import autocast, channels_last_wanted, to_channels_last
+
+    device = bench.device
+    unet = to_channels_last(bench.build_unet().train(), channels_last_wanted(device))
+    c, h, _ = bench.latent_shape
+    z = torch.randn((bench.args.batch_size[0], c, h, h), device=device)
+    t = torch.full((z.shape[0],), 500, device=device)
+
+    def run_once():
+        with autocast(device, torch.bfloat16):
+            out = unet(z, t).sample
+        out.float().square().mean().backward()
+        unet.zero_grad(set_to_none=True)
+        _sync(device)
+    with _fast_math():
+        return probe_attention(run_once)
 
 
 def _device_info(device) -> dict:
@@ -631,7 +817,11 @@ def _annotate(result: dict, report: dict) -> None:
     ips = result.get("images_per_s")
     if ips is None:
         return
-    gflop = report["flops_gflop_per_image"].get(FLOPS_KEY[result["task"]])
+    flops = report["flops_gflop_per_image"]
+    gflop = flops.get(FLOPS_KEY[result["task"]])
+    if result["task"] == "sample" and "unet_forward" in flops and "decode" in flops:
+        # this row's setting: one UNet evaluation per scheduler timestep, then one decode
+        gflop = result["unet_calls"] * flops["unet_forward"] + flops["decode"]
     if gflop is not None:
         result["gflop_per_image"] = gflop
         result["achieved_tflops"] = gflop * ips / 1e3
@@ -647,19 +837,58 @@ def _annotate(result: dict, report: dict) -> None:
         result["projected_training_hours"] = run["max_steps"] * run["batch_size"] / ips / 3600
 
 
-def _write_json(path, report: dict) -> None:
-    if path:
-        Path(path).write_text(json.dumps(report, indent=2) + "\n")
+def write_outputs(path, report: dict) -> None:
+    """The JSON, and beside it (same name, .md) the tables as markdown; each written whole to a
+    temporary name and renamed, so a run killed while writing leaves the last complete pair."""
+    if not path:
+        return
+    import os
+
+    from .io import write_json_atomic
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, report)
+    md = path.with_suffix(".md")
+    tmp = md.with_name(f".{md.name}.tmp")
+    tmp.write_text(format_markdown(report) + "\n")
+    os.replace(tmp, md)
+
+
+def _run_job(bench: Bench, job: Job, report: dict, start: float) -> dict:
+    """One row's result: measured, skipped (time budget) or the error it raised."""
+    import traceback
+
+    import torch
+
+    args = bench.args
+    result = {"task": job.task, "variant": variant_name(job.task, job.fast, job.compiled),
+              "batch_size": job.batch, "compiled": job.compiled, "fast": job.fast}
+    elapsed = (time.perf_counter() - start) / 60
+    if args.max_minutes and elapsed > args.max_minutes:
+        result["skipped"] = f"time budget: {elapsed:.1f} > --max-minutes {args.max_minutes} min"
+        return result
+    try:
+        result.update(_measure(bench, job))
+    except Exception as exc:  # one failed row must not lose the others: recorded, run goes on
+        traceback.print_exc(file=sys.stderr)
+        result["error"] = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
+        torch._dynamo.reset()
+        _reset_memory(bench.device)
+    return result
 
 
 def run(args) -> int:
     import torch
 
+    from .bench_targets import judge_all
     from .cli_common import UsageError
     from .sampling import pick_device
 
-    if args.steps < 1 or args.warmup < 0 or args.sample_steps < 1 or args.vae_batch_size < 1:
-        raise UsageError("--steps, --sample-steps and --vae-batch-size must be >= 1, --warmup >= 0")
+    if (args.steps < 1 or args.warmup < 0 or args.sample_steps < 1 or args.vae_batch_size < 1
+            or args.cache_images < 1 or args.memory_cap_gib <= 0):
+        raise UsageError("--steps, --sample-steps, --vae-batch-size and --cache-images must be "
+                         ">= 1, --warmup >= 0, --memory-cap-gib > 0")
     start = time.perf_counter()
     device = pick_device(args.device)
     bench = Bench(args, device)
@@ -670,45 +899,36 @@ def run(args) -> int:
         # the preset's whole UNet run, for the projected training time of each train-unet rate
         "training_run": {"max_steps": bench.unet_config.max_steps,
                          "batch_size": bench.unet_config.batch_size},
-        "reference_h200": REFERENCE_H200,
+        "reference_h200": REFERENCE_H200, "results": [],
     }
     print(f"ffhq-ldm bench: preset {args.preset} on {device.type} ({report['device']['name']}); "
           f"torch {torch.__version__}, diffusers {report['versions']['diffusers']}", flush=True)
-
     report["peak"] = measure_peak_tflops(device)
     _log(start, f"peak: {report['peak']['tflops']:.3f} TFLOP/s {report['peak']['what']}")
     report["flops_gflop_per_image"] = bench.flops(args.only)
     _log(start, "FLOPs per image: " + ", ".join(
         f"{k} {v:.4g} GFLOP" for k, v in report["flops_gflop_per_image"].items()))
-    report["results"] = []
-    failures = 0
-    for task, fast, compiled, batch in plan(args, device):
-        result = {"task": task, "variant": variant_name(task, fast, compiled), "batch_size": batch,
-                  "compiled": compiled}
-        elapsed = (time.perf_counter() - start) / 60
-        if args.max_minutes and elapsed > args.max_minutes:
-            result["skipped"] = f"time budget: {elapsed:.1f} > --max-minutes {args.max_minutes}"
-        else:
+    for job in plan(args, device):
+        if job.task == "attention":
             try:
-                result.update(_measure(bench, task, fast, compiled, batch))
-            except Exception as exc:  # one failed measurement must not lose the others
-                if not (compiled or isinstance(exc, torch.OutOfMemoryError)):
-                    raise
-                failures += 1
-                result["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-                torch._dynamo.reset()
-                _reset_memory(device)
-        _annotate(result, report)
-        report["results"].append(result)
-        _log(start, _one_line(result))
+                report["attention"] = _attention(bench)
+            except Exception as exc:  # a diagnosis, never a reason to lose the rows
+                report["attention"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+            _log(start, "attention: " + json.dumps(report["attention"])[:300])
+        else:
+            report["results"].append(_run_job(bench, job, report, start))
+            _log(start, _one_line(report["results"][-1]))
+        for result in report["results"]:  # a baseline measured later gives earlier rows theirs
+            _annotate(result, report)
+        report["targets"] = judge_all(report["results"], device.type == "cuda")
         report["perceptual"] = bench.perceptual_kind
         report["wall_seconds"] = time.perf_counter() - start
-        _write_json(args.json, report)
+        write_outputs(args.json, report)
     print()
     print(format_table(report))
     if args.json:
-        print(f"\nwrote {args.json}")
-    return 1 if failures else 0
+        print(f"\nwrote {args.json} and {Path(args.json).with_suffix('.md')}")
+    return 1 if any("error" in r for r in report["results"]) else 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -731,7 +951,40 @@ def _fmt(value, spec: str, missing: str = "-") -> str:
     return format(value, spec)
 
 
-def format_table(report: dict) -> str:
+def row_verdicts(result: dict, report: dict) -> str:
+    """The verdicts of the targets read from this row ("" if none is)."""
+    from .bench_targets import TARGETS
+
+    verdicts = {line["target"]: line["verdict"] for line in report.get("targets", [])}
+    return "; ".join(verdicts[t.name] for t in TARGETS
+                     if t.row.matches(result) and t.name in verdicts)
+
+
+def _memory_cell(r: dict) -> str:
+    """Peak memory: with what lies outside the allocator where it was read (CUDA), else n/a."""
+    if r.get("peak_total_gib") is not None:
+        return f"{r['peak_total_gib']:.1f} GiB"
+    return "n/a" if r.get("peak_memory_gib") is None else f"{r['peak_memory_gib']:.1f} GiB"
+
+
+COLUMNS = ("task", "variant", "batch", "img/s", "x base", "TFLOP/s", "of peak", "peak mem",
+           "syncs", "target")
+
+
+def _cells(r: dict, report: dict) -> list[str]:
+    head = [r["task"], r["variant"], str(r["batch_size"])]
+    if "images_per_s" not in r:
+        why = r.get("error") or r.get("skipped") or "?"
+        return head + [why] + [""] * 5 + [row_verdicts(r, report)]
+    share = 100 * r["fraction_of_peak"] if "fraction_of_peak" in r else None
+    return head + [_fmt(r["images_per_s"], ".4g"),
+                   _fmt(r.get("speedup_vs_baseline"), ".2f") + "x",
+                   _fmt(r.get("achieved_tflops"), ".4g"), _fmt(share, ".1f") + "%",
+                   _memory_cell(r), _fmt(r.get(SYNC_KEYS.get(r["task"], "")), "d", "-"),
+                   row_verdicts(r, report)]
+
+
+def _header_lines(report: dict) -> list[str]:
     dev, peak, flops = report["device"], report["peak"], report["flops_gflop_per_image"]
     lines = [f"device: {dev['name']} ({dev['type']}"
              + (f", {dev['threads']} threads)" if "threads" in dev else ")"),
@@ -741,36 +994,79 @@ def format_table(report: dict) -> str:
                  f"{k.replace('_', ' ')} {v:.4g} GFLOP" for k, v in flops.items())]
     if report.get("perceptual"):
         lines.append(f"LPIPS:  {report['perceptual']}")
-    header = (f"{'task':<14}{'variant':<24}{'batch':>6}{'img/s':>10}{'x base':>8}"
-              f"{'TFLOP/s':>10}{'of peak':>9}{'peak mem':>10}{'syncs':>7}")
-    lines += ["", header, "-" * len(header)]
+    return lines
+
+
+LEGEND = ("x base: images/s over the fp32 eager baseline's (run at the smallest batch). of peak: "
+          "model FLOPs/s over the measured matmul peak. peak mem (CUDA): after warm-up, the "
+          "allocator's peak reserved bytes plus what the device holds outside it (CUDA "
+          "context, libraries). syncs (CUDA): times the host waits for the GPU in one training "
+          "step. encode: the latent cache builder, each image and its mirror counted. sample: "
+          "`ffhq-ldm sample`'s road at the row's sampler and steps.")
+
+
+def _details(report: dict) -> list[str]:
+    """The sampling setting, the attention probe, the profile and the projection."""
+    from .bench_probes import format_attention, format_profile
+
+    lines = []
     for r in report["results"]:
-        if "images_per_s" not in r:
-            why = r.get("error") or r.get("skipped")
-            lines.append(f"{r['task']:<14}{r['variant']:<24}{r['batch_size']:>6}  {why}")
-            continue
-        mem = _fmt(r.get("peak_memory_gib"), ".1f", "n/a")
-        share = 100 * r["fraction_of_peak"] if "fraction_of_peak" in r else None
-        lines.append(
-            f"{r['task']:<14}{r['variant']:<24}{r['batch_size']:>6}"
-            f"{_fmt(r['images_per_s'], '.4g'):>10}"
-            f"{_fmt(r.get('speedup_vs_baseline'), '.2f') + 'x':>8}"
-            f"{_fmt(r.get('achieved_tflops'), '.4g'):>10}"
-            f"{_fmt(share, '.1f') + '%':>9}"
-            f"{mem + (' GiB' if mem != 'n/a' else ''):>10}"
-            f"{_fmt(r.get(SYNC_KEYS.get(r['task'], '')), 'd', '-'):>7}")
-    lines.append("")
-    lines.append("x base: images/s over the fp32 eager baseline's (run at the smallest batch). "
-                 "of peak: model FLOPs/s over the measured matmul peak. syncs (CUDA): times "
-                 "the host waits for the GPU in one training step or one pipeline call.")
+        if r["task"] == "sample" and "sampler" in r:
+            lines.append(f"sample {r['variant']} batch {r['batch_size']}: {r['sampler']}, "
+                         f"{r['sample_steps']} steps ({r['unet_calls']} UNet calls), VAE decode "
+                         f"{'compiled' if r['decode_compiled'] else 'eager'}")
+    if "attention" in report:
+        att = report["attention"]
+        lines.append(att["error"] if "error" in att else format_attention(att))
+    for r in report["results"]:
+        if "profile" in r:
+            lines.append(f"{r['task']} {r['variant']} batch {r['batch_size']}, "
+                         + format_profile(r["profile"]))
     best = max((r for r in report["results"] if r["task"] == "train-unet" and "images_per_s" in r),
                key=lambda r: r["images_per_s"], default=None)
     if best is not None:
         run = report["training_run"]
+        hours = best["projected_training_hours"]
         lines.append(f"train-unet: the preset's {run['max_steps']} steps x batch "
-                     f"{run['batch_size']} at "
-                     f"{best['images_per_s']:.4g} img/s ({best['variant']}, batch "
-                     f"{best['batch_size']}) would take {best['projected_training_hours']:.3g} h.")
+                     f"{run['batch_size']} at {best['images_per_s']:.4g} img/s "
+                     f"({best['variant']}, batch {best['batch_size']}) would take {hours:.3g} h.")
+    return lines
+
+
+def format_table(report: dict) -> str:
+    from .bench_targets import format_targets
+
+    widths = (11, 24, 6, 10, 8, 10, 9, 10, 7)
+    header = "".join(c.ljust(w) if j < 2 else c.rjust(w)
+                     for j, (c, w) in enumerate(zip(COLUMNS, widths, strict=False)))
+    text = [header + "  target", "-" * (len(header) + 8)]
+    for r in report["results"]:
+        cells = _cells(r, report)
+        head = "".join(c.ljust(w) if j < 2 else c.rjust(w)
+                       for j, (c, w) in enumerate(zip(cells[:3], widths, strict=False)))
+        if "images_per_s" not in r:  # the reason it did not run, then its verdict
+            text.append(f"{head}  {cells[3]}" + (f"  [{cells[-1]}]" if cells[-1] else ""))
+            continue
+        text.append(head + "".join(c.rjust(w) for c, w in zip(cells[3:9], widths[3:],
+                                                               strict=True))
+                    + ("  " + cells[-1] if cells[-1] else ""))
+    return "\n".join(_header_lines(report) + [""] + text + ["", LEGEND, ""]
+                     + ["targets:", format_targets(report.get("targets", [])), ""]
+                     + _details(report))
+
+
+def format_markdown(report: dict) -> str:
+    """The same tables in markdown, for the partial-results file beside the JSON."""
+    from .bench_targets import format_targets
+
+    lines = ["# ffhq-ldm bench", "", *[f"    {h}" for h in _header_lines(report)], "",
+             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_cells(r, report)) + " |" for r in report["results"]]
+    lines += ["", LEGEND, "", "## Targets", "", format_targets(report.get("targets", [])), ""]
+    details = _details(report)
+    if details:
+        lines += ["## Details", "", "```", *details, "```"]
+    lines.append(f"\n{len(report['results'])} rows, {report.get('wall_seconds', 0):.0f} s so far.")
     return "\n".join(lines)
 
 

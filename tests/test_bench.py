@@ -325,6 +325,21 @@ def test_bench_runs_on_cpu_and_writes_every_number(tmp_path, capsys):
     assert not any("compile" in v for _, v, _ in variants)  # compile runs on CUDA only
     assert all(_positive_finite(r["projected_training_hours"]) for r in results
                if r["task"] == "train-unet")
+    # the sampling rows: the tiny UNet is called once per DDIM step
+    assert {(r["variant"], r["sample_steps"], r["unet_calls"]) for r in results
+            if r["task"] == "sample"} == {("bf16+CL", 10, 10), ("fp32 eager", 50, 50)}
+    # SDPA: the math kernel takes any shape, and the default picks a backend that runs alone
+    attention = report["attention"]
+    assert attention["backends"]["MATH"] == "runs" and attention["shapes"]
+    assert attention["default_picks"]
+    for pick in attention["default_picks"]:
+        assert attention["backends"][pick.split(" ")[0]] == "runs"
+    # the profile: at most 10 operators, most expensive first, each a share of the whole
+    top = next(r for r in results if "profile" in r)["profile"]["top"]
+    times = [e["ms_per_step"] for e in top]
+    assert 0 < len(top) <= 10 and times == sorted(times, reverse=True)
+    assert 0 < sum(e["share"] for e in top) <= 1 + 1e-9
+    assert [t["verdict"] for t in report["targets"]] == ["n/a (no CUDA)"] * 5
 
 
 def test_the_bench_times_the_trainers_own_steps(monkeypatch):
