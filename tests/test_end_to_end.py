@@ -114,7 +114,7 @@ def test_compiled_sampling_keeps_one_batch_shape_and_the_same_images(trained, tm
         assert cli_main(["sample", "--model", pipeline, "--num", "5", "--steps", "3",
                          "--batch-size", "2", "--out", str(tmp_path / "c"),
                          "--no-progress"]) == 0
-    assert calls == [True]  # compiled once, through the helper
+    assert calls == [True, True]  # the UNet and the VAE decoder, each once through the helper
     monkeypatch.setenv("FFHQ_LDM_COMPILE", "0")
     assert cli_main(["sample", "--model", pipeline, "--num", "5", "--steps", "3",
                      "--batch-size", "5", "--out", str(tmp_path / "e"), "--no-progress"]) == 0

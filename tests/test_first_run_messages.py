@@ -65,8 +65,8 @@ def test_small_sample_caveat():
 
 def _fake_metrics(n: int) -> dict:
     return {"fid": 303.0, "kid": 0.3, "kid_std": 0.01, "precision": 0.0, "recall": 0.0,
-            "memorization_rate": 0.0, "num_samples": n,
-            "settings": {"reference_num_images": 200}}
+            "memorization_rate": 0.0, "num_samples": n, "memorized": [],
+            "settings": {"reference_num_images": 200, "num_samples": n, "num_train": 10}}
 
 
 @pytest.mark.parametrize("n,caveat", [(64, True), (50_000, False)])

@@ -305,21 +305,21 @@ def test_vae_skips_a_nan_step_too(faces32, tmp_path, capsys):
     from ffhq_ldm.losses.autoencoder import AutoencoderLoss
 
     module = load_script("train_vae")
-    real = AutoencoderLoss.generator_loss
+    real = AutoencoderLoss.nll  # the step's reconstruction term (its loss and its gradient)
     calls = []
 
-    def generator_loss(self, *args, **kwargs):
-        loss, logs = real(self, *args, **kwargs)
+    def nll(self, *args, **kwargs):
+        value, logs = real(self, *args, **kwargs)
         calls.append(1)
-        return (loss * float("nan"), logs) if len(calls) == 2 else (loss, logs)
+        return (value * float("nan"), logs) if len(calls) == 2 else (value, logs)
 
-    AutoencoderLoss.generator_loss = generator_loss
+    AutoencoderLoss.nll = nll
     try:
         code = module.main([*COMMON, "--data", str(faces32), "--output-dir", str(tmp_path),
                             "--log-every", "1", "--max-steps", "4", "--eval-every", "4",
                             "--checkpoint-every", "4", "--no-rfid"])
     finally:
-        AutoencoderLoss.generator_loss = real
+        AutoencoderLoss.nll = real
     assert code == 0
     assert "update(s) skipped" in capsys.readouterr().err
     state = load_file(str(checkpoint(tmp_path, 4) / "optimizer-vae.safetensors"))

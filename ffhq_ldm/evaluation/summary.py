@@ -17,7 +17,10 @@ def _row(name: str, m: dict) -> str:
 
 
 def summary_lines(metrics: dict, out_dir: str | Path) -> list[str]:
-    settings = metrics["settings"]
+    """The printed table; empty for metrics without their settings (nothing to say it of)."""
+    settings = metrics.get("settings")
+    if not settings:
+        return []
     n, n_ref = settings["num_samples"], settings["reference_num_images"]
     lines = [f"quality of {n} samples against the reference ({n_ref} images):",
              f"  {'':<17}{'FID':>9}{'KID':>9}{'precision':>11}{'recall':>8}",
