@@ -251,7 +251,8 @@ PRESETS: dict[str, dict[str, dict]] = {
     # on a CPU than the whole autoencoder (see README).
     "demo": {
         # Measured on a 2-core CPU with native bf16 (docs/demo.md): the autoencoder trains at
-        # ~14 img/s in bf16 (400 steps, ~4 min), the UNet at ~55 img/s (700 steps, ~7 min).
+        # ~15 img/s in bf16 (400 steps, ~4 min), the UNet at ~66 img/s (700 steps, ~7 min with
+        # its latent cache).
         "vae": dict(block_out_channels=(16, 32, 64), layers_per_block=1, latent_channels=4,
                     norm_num_groups=8, perceptual="none", disc_start=10**9,
                     learning_rate=1e-3, batch_size=8, max_steps=400, holdout=64,
