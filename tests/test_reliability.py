@@ -518,9 +518,16 @@ def test_a_stop_outside_the_training_steps_exits_with_a_message(
         return real(*args, **kwargs)
 
     monkeypatch.setattr(owner, where, signalled)
+    # Ctrl-C as a terminal delivers it: a job started in the background (`cmd &` without job
+    # control, as some CI runners start the suite) inherits SIGINT ignored, and Python then
+    # never installs its KeyboardInterrupt handler.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     capsys.readouterr()
-    got = run_trainer(load_script("train_unet").main,
-                      unet_args(faces32, tiny_vae, tmp_path / "run", cache))
+    try:
+        got = run_trainer(load_script("train_unet").main,
+                          unet_args(faces32, tiny_vae, tmp_path / "run", cache))
+    finally:
+        signal.signal(signal.SIGINT, previous)
     err = capsys.readouterr().err
     assert got == code, err
     assert "rerun the same command" in err and "Traceback" not in err, err
