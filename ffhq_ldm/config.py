@@ -263,19 +263,6 @@ PRESETS: dict[str, dict[str, dict]] = {
                      ema_decay=0.995, checkpoint_every=350, preview_every=350,
                      preview_images=16),
     },
-    # The demo's models trained longer on bigger batches, for `make demo` on a GPU. Sized by
-    # estimate for about five minutes in all on one H100-class GPU (not yet measured there).
-    "demo-gpu": {
-        "vae": dict(block_out_channels=(16, 32, 64), layers_per_block=1, latent_channels=4,
-                    norm_num_groups=8, perceptual="none", disc_start=10**9,
-                    learning_rate=1e-3, batch_size=32, max_steps=6000, holdout=256,
-                    eval_every=2000, checkpoint_every=2000, scale_images=2048, num_workers=4),
-        "unet": dict(block_out_channels=(32, 64, 128, 128), layers_per_block=1,
-                     attention_resolutions=(8, 4), attention_head_dim=32, norm_num_groups=16,
-                     learning_rate=1e-3, warmup_steps=200, batch_size=128, max_steps=8000,
-                     ema_decay=0.999, checkpoint_every=2000, preview_every=2000,
-                     preview_images=16),
-    },
     # For tests: 32 px images, a few thousand parameters, runs in seconds.
     "tiny": {
         "vae": dict(resolution=32, block_out_channels=(8, 16), layers_per_block=1,
@@ -289,6 +276,18 @@ PRESETS: dict[str, dict[str, dict]] = {
                      warmup_steps=2, batch_size=8, max_steps=12, ema_decay=0.99,
                      checkpoint_every=6, preview_every=12, preview_steps=5, preview_images=4),
     },
+}
+
+
+# The demo's models trained longer on bigger batches, for `make demo` on a GPU. Sized by
+# estimate for about five minutes in all on one H100-class GPU (not yet measured there).
+PRESETS["demo-gpu"] = {
+    "vae": {**PRESETS["demo"]["vae"], "batch_size": 32, "max_steps": 6000, "holdout": 256,
+            "eval_every": 2000, "checkpoint_every": 2000, "scale_images": 2048,
+            "num_workers": 4},
+    "unet": {**PRESETS["demo"]["unet"], "warmup_steps": 200, "batch_size": 128,
+             "max_steps": 8000, "ema_decay": 0.999, "checkpoint_every": 2000,
+             "preview_every": 2000},
 }
 
 
